@@ -1,0 +1,5 @@
+"""The one exception the data pipeline raises for bad input: its message is a single line naming the file and the fix."""
+
+
+class DataError(Exception):
+    """Bad input data (missing, unreadable, binary, empty, mismatched or corrupt); `amos-ds` prints it and exits 2."""

@@ -1,0 +1,69 @@
+"""Counter-based Gumbel noise: the same Philox-4x32-10 stream as Triton's `tl.rand`, in plain PyTorch.
+
+The noise for (seed, row, vocabulary id) is a pure function of those three numbers, so the plain, chunked and
+Triton implementations of the vocabulary path, with any chunking or tiling, draw the same tokens.
+
+The counter is Triton's: offset = row * vocab_size + vocab_id as a 64-bit integer, split into the Philox counter
+words c0 = offset's low 32 bits and c1 = its high 32 bits (c2 = c3 = 0); the key is the 64-bit seed split into
+its low and high words. The first output word becomes a uniform float in [0, 1) exactly as
+`triton.language.random.uint_to_uniform_float` does, and g = -log(-log(u)).
+"""
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_PHILOX_ROUNDS = 10
+# Largest float32 scale with (2**31 - 1) * scale < 1.0, as in Triton.
+_UNIFORM_SCALE = 4.6566127342e-10
+
+
+def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32-bit words of a * b for a 32-bit constant a and uint32 values held in int64.
+
+    b is split into 16-bit halves so that no partial product overflows int64.
+    """
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    prod_lo = a * b_lo  # < 2**48
+    prod_hi = a * b_hi  # < 2**48
+    high = (prod_hi + (prod_lo >> 16)) >> 16
+    low = (((prod_hi & 0xFFFF) << 16) + prod_lo) & _MASK32
+    return high, low
+
+
+def philox_uint32(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """First output word of Philox-4x32-10 for each 64-bit counter offset, as int64 in [0, 2**32)."""
+    seed &= 0xFFFFFFFFFFFFFFFF
+    k0, k1 = seed & _MASK32, seed >> 32
+    offsets = offsets.to(torch.int64)
+    c0 = offsets & _MASK32
+    c1 = (offsets >> 32) & _MASK32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    for _ in range(_PHILOX_ROUNDS):
+        hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0
+
+
+def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Uniform float32 in [0, 1), bit-identical to `tl.rand(seed, offsets)` for int64 offsets."""
+    x = philox_uint32(seed, offsets)
+    x = torch.where(x >= 2**31, x - 2**32, x)  # bitcast to int32
+    x = torch.where(x < 0, -x - 1, x).to(torch.int32)
+    return x.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
+
+
+def gumbel_noise(seed: int, n_rows: int, vocab_size: int, row_offset: int = 0,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """Gumbel(0, 1) noise [n_rows, vocab_size] in float32 for rows row_offset .. row_offset + n_rows - 1."""
+    rows = torch.arange(row_offset, row_offset + n_rows, dtype=torch.int64, device=device)
+    cols = torch.arange(vocab_size, dtype=torch.int64, device=device)
+    u = philox_uniform(seed, rows[:, None] * vocab_size + cols[None, :])
+    return -torch.log(-torch.log(u))

@@ -1,0 +1,208 @@
+"""The AMOS model: where each gradient goes, the labels, and what each ablation switch changes."""
+
+import pytest
+import torch
+
+from amos_ds.config import get_preset, with_ablation
+from amos_ds.model import AMOSModel, relative_position_bucket
+from amos_ds.model import amos as amos_module
+from amos_ds.vocab import IGNORE_INDEX, MASK_ID, PAD_ID
+
+TINY = get_preset("tiny", dropout=0.0, attention_dropout=0.0)
+
+
+def make_batch(config, batch=4, seq_len=24, seed=0, mask_prob=0.3):
+    generator = torch.Generator().manual_seed(seed)
+    original = torch.randint(5, config.vocab_size, (batch, seq_len), generator=generator)
+    attention_mask = torch.ones(batch, seq_len, dtype=torch.long)
+    attention_mask[0, seq_len - 5:] = 0
+    original[attention_mask == 0] = PAD_ID
+    masked = (torch.rand(batch, seq_len, generator=generator) < mask_prob) & attention_mask.bool()
+    labels = torch.where(masked, original, torch.full_like(original, IGNORE_INDEX))
+    input_ids = torch.where(masked, torch.full_like(original, MASK_ID), original)
+    return input_ids, attention_mask, labels
+
+
+def build(config, seed=0):
+    torch.manual_seed(seed)
+    return AMOSModel(config)
+
+
+def grads(loss, params):
+    return [g if g is not None else torch.zeros_like(p)
+            for g, p in zip(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True), params)]
+
+
+def generator_layer_params(model, layer):
+    """Parameters of 1-based generator layer `layer`."""
+    return list(model.generators[0].layers[layer - 1].parameters())
+
+
+def is_zero(tensors):
+    return all(torch.count_nonzero(t) == 0 for t in tensors)
+
+
+def test_relative_position_buckets_match_hand_table():
+    # 16 buckets, max distance 32: half = 8, exact below 4, then ceil(log(d/4)/log(31/4) * 3) above 4, capped at 7.
+    distances = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 15, 16, 20, 31, 32, 100])
+    expected = torch.tensor([0, 1, 2, 3, 4, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7, 7])
+    assert torch.equal(relative_position_bucket(distances, 16, 32), expected)
+    assert torch.equal(relative_position_bucket(-distances, 16, 32), -expected)
+    # 32 buckets, max distance 128 (the default): exact below 8, capped at 15.
+    distances = torch.tensor([7, 8, 9, 12, 16, 32, 64, 127, 500])
+    assert torch.equal(relative_position_bucket(distances, 32, 128), torch.tensor([7, 8, 9, 10, 10, 12, 14, 15, 15]))
+
+
+def test_reversed_gradient_reaches_mixture_and_generator_but_not_mlm_head(monkeypatch):
+    model = build(TINY)
+    batch = make_batch(TINY)
+    out = model(*batch, seed=3)
+    scorer = list(model.mixture_scorer.parameters())
+    mlm_head = list(model.mlm_head.parameters())
+    reversed_scorer = grads(out.rtd_loss, scorer)
+    assert not is_zero(reversed_scorer)
+    assert is_zero(grads(out.rtd_loss, mlm_head))  # neither the head transform nor the output bias
+    for layer in TINY.head_layers:  # every block, through f(d)
+        assert not is_zero(grads(out.rtd_loss, generator_layer_params(model, layer)))
+
+    # The un-reversed graph: the same forward with the straight-through gradient passed on unchanged.
+    original = amos_module.ops.mlm_and_sample
+    monkeypatch.setattr(amos_module.ops, "mlm_and_sample",
+                        lambda *args, grad_scale, **kwargs: original(*args, grad_scale=1.0, **kwargs))
+    plain = model(*batch, seed=3)
+    torch.testing.assert_close(plain.rtd_loss, out.rtd_loss, rtol=0, atol=0)
+    for got, want in zip(reversed_scorer, grads(plain.rtd_loss, scorer)):
+        torch.testing.assert_close(got, -want)
+
+
+def test_stop_gradient_confines_each_head_loss_to_its_block():
+    model = build(TINY)  # heads at layers 1, 2, 3: block k is layer k
+    out = model(*make_batch(TINY), seed=1)
+    layers = TINY.head_layers
+    for k, layer in enumerate(layers):
+        for other in layers:
+            reached = not is_zero(grads(out.head_losses[k], generator_layer_params(model, other)))
+            assert reached == (other == layer), f"head {layer} loss reaching layer {other}"
+        assert not is_zero(grads(out.head_losses[k], [model.token_embedding]))
+        assert is_zero(grads(out.head_losses[k], list(model.discriminator.parameters())))
+
+
+def test_without_stop_gradient_deep_heads_train_lower_blocks():
+    config = with_ablation(TINY, "no_stop_grad")
+    model = build(config)
+    out = model(*make_batch(config), seed=1)
+    assert not is_zero(grads(out.head_losses[2], generator_layer_params(model, 1)))
+
+
+def test_discriminator_sees_samples_and_labels_equal_samples_as_original():
+    model = build(TINY)
+    input_ids, attention_mask, labels = make_batch(TINY)
+    masked = labels != IGNORE_INDEX
+    # Every masked position holds token 7, and the output bias makes token 7 all but certain.
+    labels = torch.where(masked, torch.full_like(labels, 7), labels)
+    with torch.no_grad():
+        model.mlm_head.bias[7] = 1e4
+    out = model(input_ids, attention_mask, labels, seed=0)
+    assert masked.any() and not out.replaced.any()
+    assert out.metrics["replaced_frac"].item() == 0.0
+
+    # With no such bias, samples differ from the originals and exactly those positions are labelled replaced.
+    captured = {}
+    original = amos_module.ops.mlm_and_sample
+
+    def capture(*args, **kwargs):
+        captured["result"] = original(*args, **kwargs)
+        captured["embedding"] = args[2]
+        return captured["result"]
+
+    model = build(TINY)
+    amos_module.ops.mlm_and_sample = capture
+    try:
+        out = model(*make_batch(TINY), seed=4)
+    finally:
+        amos_module.ops.mlm_and_sample = original
+    _, sampled_ids, sampled_embeds = captured["result"]
+    assert torch.equal(sampled_embeds, captured["embedding"][sampled_ids])
+    _, _, labels = make_batch(TINY)
+    masked = labels != IGNORE_INDEX
+    assert torch.equal(out.replaced[masked], sampled_ids != labels[masked])
+    assert not out.replaced[~masked].any()
+
+
+def test_uniform_mixture_has_equal_weights_and_no_scorer():
+    config = with_ablation(TINY, "no_adv_train")
+    model = build(config)
+    out = model(*make_batch(config), seed=0)
+    assert model.mixture_scorer is None
+    for layer in config.head_layers:
+        assert out.metrics[f"mix_weight_L{layer}"].item() == pytest.approx(1 / 3, abs=1e-7)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_random_layer_picks_one_head_per_position_uniformly():
+    config = with_ablation(TINY, "random_layer")
+    model = build(config)
+    features = torch.randn(3, 6000, config.hidden_size)
+    gamma = torch.softmax(model.mixture_logits(features, seed=11, progress=0.0), dim=-1)
+    assert torch.equal(gamma.sum(-1), torch.ones(6000)) and set(gamma.unique().tolist()) == {0.0, 1.0}
+    shares = gamma.mean(0)
+    assert torch.allclose(shares, torch.full((3,), 1 / 3), atol=0.02)
+    assert torch.equal(gamma, torch.softmax(model.mixture_logits(features, seed=11, progress=0.9), dim=-1))
+    assert not torch.equal(gamma, torch.softmax(model.mixture_logits(features, seed=12, progress=0.0), dim=-1))
+
+
+def test_layer_switch_follows_training_progress():
+    config = with_ablation(TINY, "layer_switch")
+    model = build(config)
+    features = torch.randn(3, 5, config.hidden_size)
+    for progress, head in ((0.0, 0), (0.3, 0), (0.34, 1), (0.66, 1), (0.67, 2), (1.0, 2)):
+        gamma = torch.softmax(model.mixture_logits(features, seed=0, progress=progress), dim=-1)
+        assert torch.equal(gamma, torch.nn.functional.one_hot(torch.full((5,), head), 3).float()), progress
+
+
+def test_adversarial_mlm_lets_the_rtd_gradient_reach_the_mlm_head():
+    config = with_ablation(TINY, "adv_mlm")
+    model = build(config)
+    out = model(*make_batch(config), seed=3)
+    assert not is_zero(grads(out.rtd_loss, list(model.mlm_head.parameters())))
+
+
+def test_separate_generators_and_single_generator_shapes():
+    config = with_ablation(TINY, "separate_generators")
+    model = build(config)
+    assert [len(g.layers) for g in model.generators] == list(config.head_layers)
+    out = model(*make_batch(config), seed=0)
+    # Each head's loss trains only its own generator.
+    for k in range(3):
+        for j, generator in enumerate(model.generators):
+            assert is_zero(grads(out.head_losses[k], list(generator.layers.parameters()))) == (j != k)
+
+    single = with_ablation(get_preset("base"), "single_gen_6")
+    assert (single.gen_layers, single.head_layers, single.mixture) == (6, (6,), "uniform")
+
+
+def test_head_layer_sets_from_table_9():
+    for head_layers in ((4, 8), (2, 4, 6, 8), tuple(range(1, 9))):
+        config = get_preset("tiny", gen_layers=8, head_layers=head_layers, dropout=0.0, attention_dropout=0.0)
+        out = build(config)(*make_batch(config), seed=0)
+        assert out.head_losses.shape == (len(head_layers),)
+        assert set(out.metrics) >= {f"mix_weight_L{layer}" for layer in head_layers}
+
+
+def test_forward_reports_every_metric_and_loss_formula():
+    model = build(TINY)
+    out = model(*make_batch(TINY), seed=0)
+    expected = {"loss", "mlm_loss", "rtd_loss", "disc_acc_replaced", "disc_acc_original", "replaced_frac",
+                "mlm_loss_L1", "mlm_loss_L2", "mlm_loss_L3", "mix_weight_L1", "mix_weight_L2", "mix_weight_L3"}
+    assert set(out.metrics) == expected
+    torch.testing.assert_close(out.loss, out.head_losses.sum() + 50.0 * out.rtd_loss)
+    assert sum(out.metrics[f"mix_weight_L{k}"].item() for k in (1, 2, 3)) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_batch_without_masked_tokens_gives_zero_mlm_loss():
+    model = build(TINY)
+    input_ids, attention_mask, labels = make_batch(TINY)
+    out = model(input_ids, attention_mask, torch.full_like(labels, IGNORE_INDEX), seed=0)
+    assert torch.equal(out.head_losses, torch.zeros(3))
+    assert not out.replaced.any() and torch.isfinite(out.loss)
