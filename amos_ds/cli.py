@@ -13,6 +13,7 @@ import sys
 COMMAND_MODULES = (
     "amos_ds.data.commands",
     "amos_ds.train.commands",
+    "amos_ds.finetune.commands",
 )
 
 

@@ -159,8 +159,12 @@ def test_adversarial_logit_gradient_is_scaled():
 
 def test_dispatch_and_shape_errors():
     tensors, targets, _ = random_inputs(num_rows=4)
-    assert ops.resolve_impl("auto", torch.device("cpu")) == "chunked"
+    assert ops.resolve_impl("auto", torch.device("cpu"), 1000) == "torch"
+    assert ops.resolve_impl("auto", torch.device("cpu"), ops.AUTO_TORCH_MAX_LOGITS + 1) == "chunked"
     with pytest.raises(ValueError, match="impl must be one of"):
         ops.mlm_and_sample(*tensors, targets, 0.3, 0, impl="fast")
     with pytest.raises(ValueError, match="inconsistent shapes"):
         ops.mlm_and_sample(*tensors, targets[:3], 0.3, 0)
+    states, mix_logits, _, _ = tensors
+    with pytest.raises(RuntimeError, match="embedding is empty"):
+        ops.mlm_and_sample(states, mix_logits, torch.empty(0), torch.empty(0), targets, 0.3, 0)

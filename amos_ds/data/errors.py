@@ -1,4 +1,4 @@
-"""The one exception the data pipeline raises for bad input: its message is a single line naming the file and the fix."""
+"""The one exception the data pipeline raises for bad input: a one-line message naming the file and the fix."""
 
 
 class DataError(Exception):

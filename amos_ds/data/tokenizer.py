@@ -149,6 +149,7 @@ def train_tokenizer(inputs: list[str], vocab_size: int, output: str, lowercase: 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        tmp.chmod(0o755)
         (tmp / MODEL_FILE).write_bytes(model_bytes)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if out.exists():

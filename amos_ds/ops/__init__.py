@@ -15,7 +15,8 @@ sampled_embeds: embedding[sampled_ids] in value; its gradient reaches embedding 
   adv_logit_scale > 0 (the "+adv MLM" ablation: they then receive that gradient times adv_logit_scale).
 
 impl: "torch" (plain reference, [K,N,V] logits in memory), "chunked" (same numbers, bounded memory), "triton"
-(the fused kernel in amos_kernels), "auto" (triton for CUDA tensors when it imports, else chunked).
+(the fused kernel in amos_kernels), "auto" (triton for CUDA tensors when it imports; otherwise torch while the
+[K,N,V] logits stay under AUTO_TORCH_MAX_LOGITS elements, chunked beyond).
 """
 
 import torch
@@ -24,6 +25,9 @@ from amos_ds.ops.gumbel import gumbel_noise, philox_uniform
 from amos_ds.ops.vocab_path import mlm_and_sample_chunked, mlm_and_sample_torch
 
 IMPLS = ("auto", "torch", "chunked", "triton")
+# "auto" without the kernel: the plain path while its logits fit in this many elements (1 GiB of fp32 with their
+# gradient), since the chunked path computes the Gumbel noise twice and the logits twice.
+AUTO_TORCH_MAX_LOGITS = 2**27
 
 
 def _triton_impl():
@@ -45,13 +49,15 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """The concrete implementation that `impl` names for tensors on `device`."""
+def resolve_impl(impl: str, device: torch.device, num_logits: int = 0) -> str:
+    """The concrete implementation that `impl` names for tensors on `device` and K x N x V = `num_logits`."""
     if impl not in IMPLS:
         raise ValueError(f"mlm_and_sample: impl must be one of {IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
-    return "triton" if device.type == "cuda" and triton_available() else "chunked"
+    if device.type == "cuda" and triton_available():
+        return "triton"
+    return "torch" if num_logits <= AUTO_TORCH_MAX_LOGITS else "chunked"
 
 
 def mlm_and_sample(head_states: torch.Tensor, mix_logits: torch.Tensor, embedding: torch.Tensor, bias: torch.Tensor,
@@ -59,12 +65,15 @@ def mlm_and_sample(head_states: torch.Tensor, mix_logits: torch.Tensor, embeddin
                    adv_logit_scale: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-head MLM losses and the mixed straight-through Gumbel-Softmax sample (see the module docstring)."""
     num_heads, num_rows, hidden = head_states.shape
+    if embedding.numel() == 0:
+        raise RuntimeError("mlm_and_sample: the embedding is empty, as a ZeRO-3 partitioned parameter is outside its "
+                           "owner's forward; gather it (call from the owning module, or GatheredParameters)")
     if mix_logits.shape != (num_rows, num_heads) or embedding.shape[1] != hidden or bias.shape != embedding.shape[:1] \
             or targets.shape != (num_rows,):
         raise ValueError(f"mlm_and_sample: inconsistent shapes head_states {tuple(head_states.shape)}, mix_logits "
                          f"{tuple(mix_logits.shape)}, embedding {tuple(embedding.shape)}, bias {tuple(bias.shape)}, "
                          f"targets {tuple(targets.shape)}")
-    chosen = resolve_impl(impl, head_states.device)
+    chosen = resolve_impl(impl, head_states.device, num_heads * num_rows * embedding.shape[0])
     if chosen == "torch":
         function = mlm_and_sample_torch
     elif chosen == "chunked":

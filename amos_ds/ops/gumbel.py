@@ -21,21 +21,13 @@ _PHILOX_ROUNDS = 10
 _UNIFORM_SCALE = 4.6566127342e-10
 
 
-def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """High and low 32-bit words of a * b for a 32-bit constant a and uint32 values held in int64.
-
-    b is split into 16-bit halves so that no partial product overflows int64.
-    """
-    b_hi, b_lo = b >> 16, b & 0xFFFF
-    prod_lo = a * b_lo  # < 2**48
-    prod_hi = a * b_hi  # < 2**48
-    high = (prod_hi + (prod_lo >> 16)) >> 16
-    low = (((prod_hi & 0xFFFF) << 16) + prod_lo) & _MASK32
-    return high, low
-
-
 def philox_uint32(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """First output word of Philox-4x32-10 for each 64-bit counter offset, as int64 in [0, 2**32)."""
+    """First output word of Philox-4x32-10 for each 64-bit counter offset, as int64 in [0, 2**32).
+
+    Each round multiplies a 32-bit word by a 32-bit constant; the product can exceed 2**63 and wraps around in int64,
+    which keeps its low 64 bits exact (two's complement), so its high and low words are read off the wrapped
+    product. In-place updates keep the temporaries to two per round. The Triton comparison test holds this to the bit.
+    """
     seed &= 0xFFFFFFFFFFFFFFFF
     k0, k1 = seed & _MASK32, seed >> 32
     offsets = offsets.to(torch.int64)
@@ -44,9 +36,12 @@ def philox_uint32(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
     for _ in range(_PHILOX_ROUNDS):
-        hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND_B, c2)
-        hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        product_b = c2 * _PHILOX_ROUND_B
+        product_a = c0 * _PHILOX_ROUND_A
+        c0 = (product_b >> 32).bitwise_and_(_MASK32).bitwise_xor_(c1).bitwise_xor_(k0)
+        c2 = (product_a >> 32).bitwise_and_(_MASK32).bitwise_xor_(c3).bitwise_xor_(k1)
+        c1 = product_b.bitwise_and_(_MASK32)
+        c3 = product_a.bitwise_and_(_MASK32)
         k0 = (k0 + _PHILOX_KEY_A) & _MASK32
         k1 = (k1 + _PHILOX_KEY_B) & _MASK32
     return c0
@@ -54,9 +49,8 @@ def philox_uint32(seed: int, offsets: torch.Tensor) -> torch.Tensor:
 
 def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     """Uniform float32 in [0, 1), bit-identical to `tl.rand(seed, offsets)` for int64 offsets."""
-    x = philox_uint32(seed, offsets)
-    x = torch.where(x >= 2**31, x - 2**32, x)  # bitcast to int32
-    x = torch.where(x < 0, -x - 1, x).to(torch.int32)
+    x = philox_uint32(seed, offsets).to(torch.int32)  # the low 32 bits: Triton's bitcast to int32
+    x ^= x >> 31  # negative x becomes -x - 1, as in Triton
     return x.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
 
 

@@ -1,0 +1,70 @@
+"""What the trainer calls: DataConfig, open_corpora, ResumableSampler and build_loader.
+
+    dataset = open_corpora(["data/wiki:3", "data/books:1"], seq_len=512, seed=1234)
+    sampler = ResumableSampler(len(dataset), micro_batch_size, rank, world_size, seed=1234)
+    sampler.load_state_dict(checkpoint["sampler"])      # when resuming
+    for batch in build_loader(dataset, sampler, config):  # endless; one micro-batch per item
+        ...                                               # after each optimizer step:
+        sampler.advance(world_size * micro_batch_size * grad_accum); checkpoint["sampler"] = sampler.state_dict()
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from amos_ds.data.dataset import PackedDataset, open_corpora
+from amos_ds.data.masking import mask_tokens
+from amos_ds.data.sampler import ResumableSampler
+from amos_ds.vocab import PAD_ID
+
+
+@dataclass
+class DataConfig:
+    seq_len: int = 512
+    mask_prob: float = 0.15
+    mask_split: tuple[float, float, float] = (1.0, 0.0, 0.0)  # (to [MASK], to a random token, kept)
+    seed: int = 1234
+    num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        self.mask_split = tuple(self.mask_split)
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ValueError(f"DataConfig.mask_prob: must be in (0, 1), got {self.mask_prob}")
+        if len(self.mask_split) != 3 or min(self.mask_split) < 0 or abs(sum(self.mask_split) - 1.0) > 1e-6:
+            raise ValueError(f"DataConfig.mask_split: three non-negative fractions summing to 1, got {self.mask_split}")
+
+
+class MaskedBatches:
+    """Item = one micro-batch: `batch[indices]` reads, packs, pads, masks and collates (in a loader worker)."""
+
+    def __init__(self, dataset: PackedDataset, config: DataConfig):
+        self.dataset = dataset
+        self.config = config
+
+    def __getitem__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        samples = [self.dataset[i] for i in indices]
+        tokens = np.full((len(samples), max(map(len, samples))), PAD_ID, dtype=np.int64)
+        for row, sample in enumerate(samples):
+            tokens[row, :len(sample)] = sample
+        index = np.asarray(indices, dtype=np.int64)
+        inputs, labels = mask_tokens(tokens, index, self.config.seed, self.config.mask_prob, self.config.mask_split,
+                                     self.dataset.vocab_size)
+        return {"input_ids": torch.from_numpy(inputs), "attention_mask": torch.from_numpy(tokens != PAD_ID).long(),
+                "labels": torch.from_numpy(labels), "sample_index": torch.from_numpy(index)}
+
+
+def build_loader(dataset: PackedDataset, sampler: ResumableSampler, config: DataConfig) -> DataLoader:
+    """An endless loader of this rank's micro-batches; create it after `sampler.load_state_dict()`.
+
+    Batches are padded to their longest sample (every sample but a corpus's last has seq_len tokens).
+    """
+    if config.seq_len != dataset.seq_len:
+        raise ValueError(f"DataConfig.seq_len {config.seq_len} differs from the dataset's {dataset.seq_len}")
+    workers = config.num_workers
+    return DataLoader(MaskedBatches(dataset, config), sampler=sampler, batch_size=None, num_workers=workers,
+                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+
+
+__all__ = ["DataConfig", "PackedDataset", "ResumableSampler", "build_loader", "open_corpora"]

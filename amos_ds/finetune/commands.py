@@ -1,0 +1,60 @@
+"""`amos-ds finetune`: fine-tune a pretrained (or randomly initialised) AMOS encoder on sentence classification."""
+
+import argparse
+import sys
+
+
+def finetune_command(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from amos_ds.data.errors import DataError
+    from amos_ds.finetune.pretrained import load_source
+    from amos_ds.finetune.run import FinetuneConfig, finetune
+    from amos_ds.finetune.tasks import load_task
+    from amos_ds.train.train_config import ConfigError
+
+    try:
+        config = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup=args.warmup,
+                                weight_decay=args.weight_decay, dropout=args.dropout, max_len=args.max_len,
+                                seeds=args.seeds)
+        task = load_task(args.task_dir)
+        source = load_source(args.pretrained, args.tokenizer, args.model_config, args.preset)
+        print(f"fine-tuning {source.description} on {task.name} ({len(task.train)}/{len(task.dev)}/{len(task.test)} "
+              f"train/dev/test, labels {task.labels}), seeds {config.seeds}", flush=True)
+        results = finetune(source, task, config, log=lambda line: print(line, flush=True))
+        output = Path(args.output)
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    except (ConfigError, DataError) as err:
+        print(f"amos-ds: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"amos-ds: error: {err}; check the path and permissions", file=sys.stderr)
+        return 2
+    print(f"{task.name}: median over {len(config.seeds)} seed(s): dev acc {results['median_dev_acc']:.4f}, "
+          f"test acc {results['median_test_acc']:.4f} (results in {output / 'results.json'})")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("finetune", help="fine-tune the discriminator on sentence classification",
+                                   description=__doc__.splitlines()[0])
+    parser.add_argument("--pretrained", required=True, metavar="PATH",
+                        help="checkpoint tag folder, run directory, state-dict file (with --model-config), or 'none' "
+                             "for random init")
+    parser.add_argument("--task-dir", required=True, metavar="DIR", help="folder with train.tsv, dev.tsv, test.tsv "
+                                                                         "(header naming label and sentence)")
+    parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: the checkpoint's own)")
+    parser.add_argument("--model-config", metavar="FILE", help="ModelConfig JSON, for a state-dict file or 'none'")
+    parser.add_argument("--preset", default="small", help="model preset for --pretrained none (default small)")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--warmup", type=float, default=0.06, help="warm-up fraction of the steps (paper: 0.06/0.1)")
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--max-len", type=int, default=128, help="tokens per sentence with [CLS] and [SEP]")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    parser.add_argument("--output", default="runs/finetune", metavar="DIR", help="where results.json goes")
+    parser.set_defaults(func=finetune_command)

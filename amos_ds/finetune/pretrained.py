@@ -1,0 +1,162 @@
+"""The part of an AMOS checkpoint a user keeps: the discriminator, the token embedding it reads, and the tokenizer.
+
+Sources of weights, all read without a GPU:
+- a checkpoint tag folder (RUN_DIR/checkpoints/step_XXXXXXXX, with amos_meta.json), a checkpoints folder or a run
+  directory (its newest complete checkpoint): ZeRO 1/2/3 files merged by DeepSpeed's zero_to_fp32;
+- a file holding a `torch.save`d AMOSModel state dict, with `--model-config` JSON (ModelConfig fields);
+- 'none': random init, the same architecture and initialisation pretraining starts from.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from amos_ds.config import ModelConfig, get_preset
+from amos_ds.data.errors import DataError
+from amos_ds.data.tokenizer import Tokenizer
+from amos_ds.model import AMOSModel, Encoder
+from amos_ds.train.checkpoint import META, RUN_TOKENIZER, newest_checkpoint
+from amos_ds.train.train_config import ConfigError
+
+KEPT_KEYS = ("token_embedding", "discriminator.")  # AMOSModel state-dict keys the encoder keeps (prefixes)
+
+
+class TextEncoder(nn.Module):
+    """AMOS's discriminator with its token embedding: ids [B, T] -> the last layer's hidden states [B, T, H].
+
+    Parameter names equal AMOSModel's, so a pretrained state dict loads strictly (nothing missing, nothing extra).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size))
+        self.discriminator = Encoder(config, config.disc_layers, config.dropout, config.attention_dropout)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.discriminator(F.embedding(input_ids, self.token_embedding), attention_mask)[-1]
+
+
+def encoder_state(amos_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The discriminator's and token embedding's entries of an AMOSModel state dict; the generator is dropped."""
+    return {name: tensor for name, tensor in amos_state.items() if name.startswith(KEPT_KEYS)}
+
+
+@dataclass
+class Checkpoint:
+    state: dict[str, torch.Tensor]  # the encoder's entries (see encoder_state)
+    config: ModelConfig
+    meta: dict  # amos_meta.json; empty for a plain state-dict file
+    path: Path
+
+
+def read_checkpoint(path: str | os.PathLike, model_config: str | None = None) -> Checkpoint:
+    """The encoder's fp32 weights and the model config from a DeepSpeed checkpoint or a state-dict file."""
+    path = Path(path)
+    if path.is_file():
+        if not model_config:
+            raise ConfigError(f"--pretrained {path}: a state-dict file needs --model-config FILE (ModelConfig JSON)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for a file that is not a state dict
+            raise ConfigError(f"--pretrained {path}: not a torch.save'd state dict ({type(err).__name__})") from None
+        return Checkpoint(encoder_state(state), _read_model_config(Path(model_config)), {}, path)
+    if not path.is_dir():
+        raise ConfigError(f"--pretrained {path}: no such file or folder; give a checkpoint, a run directory or 'none'")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag = newest_checkpoint(path)
+    if tag is None:
+        raise ConfigError(f"--pretrained {path}: no complete checkpoint there; give a checkpoints/step_* folder with "
+                          f"{META}, a run directory, a state-dict file with --model-config, or 'none'")
+    meta = json.loads((tag / META).read_text())
+    state = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+    return Checkpoint(encoder_state(state), _model_config(meta["model"], tag / META), meta, tag)
+
+
+def _read_model_config(path: Path) -> ModelConfig:
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"--model-config {path}: not readable JSON ({err})") from None
+    return _model_config(values, path)
+
+
+def _model_config(values: dict, where: Path) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: not a valid model config ({err})") from None
+
+
+def find_tokenizer(checkpoint: Checkpoint, tokenizer: str | None) -> Tokenizer:
+    """--tokenizer, or the tokenizer the checkpoint was pretrained with; its hash and size must match the model's."""
+    expected = checkpoint.meta.get("tokenizer_hash")
+    if tokenizer:
+        found = Tokenizer(tokenizer)
+        if expected and found.hash != expected:
+            raise ConfigError(f"--tokenizer {tokenizer}: hash {found.hash}, but {checkpoint.path} was pretrained with "
+                              f"{expected}; give the tokenizer/ folder of the corpus it was pretrained on")
+    else:
+        if not checkpoint.meta:
+            raise ConfigError(f"--pretrained {checkpoint.path}: a state-dict file needs --tokenizer DIR")
+        where = checkpoint.path.parent.parent / RUN_TOKENIZER  # RUN_DIR/checkpoints/step_N -> RUN_DIR/tokenizer
+        found = _try_tokenizer(where)
+        if found is None or found.hash != expected:
+            raise ConfigError(f"--pretrained {checkpoint.path}: its tokenizer ({expected or 'hash unknown'}) is not "
+                              f"at {where}; pass --tokenizer DIR")
+    if found.vocab_size != checkpoint.config.vocab_size:
+        raise ConfigError(f"--tokenizer {found.directory}: {found.vocab_size} pieces, but the model has "
+                          f"vocab_size {checkpoint.config.vocab_size}; use the tokenizer it was pretrained with")
+    return found
+
+
+def _try_tokenizer(directory: Path) -> Tokenizer | None:
+    try:
+        return Tokenizer(directory)
+    except DataError:
+        return None
+
+
+@dataclass
+class EncoderSource:
+    """What every fine-tuning seed starts from: pretrained weights, or (state None) a fresh random init per seed."""
+
+    config: ModelConfig
+    tokenizer: Tokenizer
+    state: dict[str, torch.Tensor] | None
+    description: str
+
+    def build(self, dropout: float) -> TextEncoder:
+        """A new encoder with fine-tuning dropout. Random init draws from torch's global RNG: seed it first."""
+        config = self.config.replace(dropout=dropout, attention_dropout=dropout)
+        state = self.state if self.state is not None else encoder_state(AMOSModel(config).state_dict())
+        encoder = TextEncoder(config)
+        encoder.load_state_dict(state)
+        return encoder
+
+
+def load_source(pretrained: str, tokenizer: str | None = None, model_config: str | None = None,
+                preset: str = "small") -> EncoderSource:
+    """Resolve `--pretrained` (a checkpoint, run directory, state-dict file, or 'none') and its tokenizer."""
+    if pretrained == "none":
+        if not tokenizer:
+            raise ConfigError("--pretrained none: random init needs --tokenizer DIR (it sets the vocabulary)")
+        found = Tokenizer(tokenizer)
+        if model_config:
+            base = _read_model_config(Path(model_config))
+        else:
+            try:
+                base = get_preset(preset)
+            except ValueError as err:
+                raise ConfigError(f"--preset: {err}") from None
+        config = base.replace(vocab_size=found.vocab_size)
+        return EncoderSource(config, found, None, f"random init ({model_config or preset})")
+    checkpoint = read_checkpoint(pretrained, model_config)
+    found = find_tokenizer(checkpoint, tokenizer)
+    return EncoderSource(checkpoint.config, found, checkpoint.state, str(checkpoint.path))

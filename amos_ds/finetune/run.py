@@ -1,0 +1,111 @@
+"""The fine-tuning loop of the paper's Table 6: AdamW (eps 1e-6, betas 0.9/0.98), linear warm-up then linear decay,
+dropout 0.1; the best epoch on dev gives the reported test accuracy; the median over seeds is the result.
+
+Each seed starts from the same source (pretrained weights, or a fresh random init drawn from that seed), with its
+own head init, dropout and data order, so the two arms of a comparison differ only in the encoder's start.
+"""
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from amos_ds.finetune.classifier import SentenceClassifier
+from amos_ds.finetune.pretrained import EncoderSource
+from amos_ds.finetune.tasks import Task, batches, encode
+from amos_ds.pretrain import parameter_groups
+from amos_ds.train.train_config import ConfigError
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 3
+    lr: float = 2e-5
+    batch_size: int = 32
+    warmup: float = 0.06  # fraction of all steps
+    weight_decay: float = 0.01
+    dropout: float = 0.1
+    max_len: int = 128
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_len < 3:
+            raise ConfigError(f"--max-len must leave room for [CLS] and [SEP], got {self.max_len}")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ConfigError(f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not self.seeds:
+            raise ConfigError("--seeds: give at least one seed")
+
+
+def warmup_linear_decay(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier: 0 -> 1 over the warm-up steps, then linearly to 0 at the last step."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return factor
+
+
+@torch.no_grad()
+def accuracy(model: SentenceClassifier, encoded: list[tuple[list[int], int]], batch_size: int) -> float:
+    model.eval()
+    correct = 0
+    for batch in batches(encoded, batch_size):
+        logits = model(batch["input_ids"], batch["attention_mask"])
+        correct += (logits.argmax(-1) == batch["labels"]).sum().item()
+    return correct / len(encoded)
+
+
+def finetune_seed(source: EncoderSource, task: Task, encoded: dict[str, list], config: FinetuneConfig, seed: int,
+                  log: Callable[[str], None] = print) -> dict:
+    """Train one seed for all epochs; dev and test accuracy after each epoch, and the best dev epoch's."""
+    torch.manual_seed(seed)
+    model = SentenceClassifier(source.build(config.dropout), len(task.labels), config.dropout)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98),
+                                  eps=1e-6)
+    steps_per_epoch = -(-len(encoded["train"]) // config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_linear_decay(max(1, round(config.warmup * total_steps)), total_steps))
+    order = torch.Generator().manual_seed(seed)
+    epochs = []
+    for epoch in range(1, config.epochs + 1):
+        started, loss_sum = time.perf_counter(), 0.0
+        model.train()
+        for batch in batches(encoded["train"], config.batch_size, order):
+            loss = F.cross_entropy(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            loss_sum += loss.item()
+        dev, test = (accuracy(model, encoded[split], 2 * config.batch_size) for split in ("dev", "test"))
+        epochs.append({"epoch": epoch, "train_loss": loss_sum / steps_per_epoch, "dev_acc": dev, "test_acc": test})
+        log(f"seed {seed} epoch {epoch}/{config.epochs} | train loss {loss_sum / steps_per_epoch:.4f} | "
+            f"dev acc {dev:.4f} | {time.perf_counter() - started:.0f} s")
+    best = max(epochs, key=lambda e: e["dev_acc"])  # the first of equal ones
+    return {"seed": seed, "best_epoch": best["epoch"], "dev_acc": best["dev_acc"], "test_acc": best["test_acc"],
+            "epochs": epochs}
+
+
+def finetune(source: EncoderSource, task: Task, config: FinetuneConfig, log: Callable[[str], None] = print) -> dict:
+    """Every seed of `config`, then the medians: the numbers the paper reports."""
+    if config.max_len > source.config.max_positions:
+        raise ConfigError(f"--max-len {config.max_len} exceeds the model's {source.config.max_positions} positions")
+    encoded = {split: encode(getattr(task, split), source.tokenizer, task.labels, config.max_len)
+               for split in ("train", "dev", "test")}
+    runs = [finetune_seed(source, task, encoded, config, seed, log) for seed in config.seeds]
+    return {"task": task.name, "labels": task.labels, "sizes": {split: len(e) for split, e in encoded.items()},
+            "encoder": source.description, "tokenizer_hash": source.tokenizer.hash, "config": asdict(config),
+            "median_dev_acc": statistics.median(r["dev_acc"] for r in runs),
+            "median_test_acc": statistics.median(r["test_acc"] for r in runs), "runs": runs}

@@ -1,0 +1,235 @@
+"""Pretrain an AMOS text encoder with DeepSpeed, from one CPU process to many 8-GPU nodes.
+
+    python amos_ds/pretrain.py --preset tiny --max-steps 20 --run-dir runs/try          # one process
+    deepspeed --num_gpus 2 amos_ds/pretrain.py --run-dir runs/two                        # one machine, two ranks
+    deepspeed --hostfile hostfiles/a100 amos_ds/pretrain.py --deepspeed_config ds_configs/base.json \
+        --preset base --data data/wiki data/books --run-dir runs/base                   # many nodes
+    torchrun --nproc_per_node 8 amos_ds/pretrain.py ...                                  # also works
+
+One optimizer step = `gradient_accumulation_steps` micro-batches through the DeepSpeed engine on every rank, then
+one metrics record (metrics.jsonl, TensorBoard, a console line). Checkpoints every --save-every steps, at the end,
+and on SIGTERM/SIGUSR1 (then exit 0); `--resume auto` continues from the newest complete one, at any world size.
+"""
+
+import hashlib
+import os
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from amos_ds.data import DataConfig, DataError, PackedDataset, ResumableSampler, build_loader, open_corpora
+from amos_ds.data.builtin import prepare_builtin_corpus
+from amos_ds.model import AMOSModel
+from amos_ds.train.checkpoint import (
+    check_compatible,
+    code_version,
+    find_resume,
+    keep_tokenizer,
+    load_checkpoint,
+    prepare_universal,
+    restore_rng,
+    save_checkpoint,
+    seed_rng,
+)
+from amos_ds.train.ds_config import (
+    derive_ds_config,
+    gradient_accumulation,
+    load_ds_config,
+    precision,
+    scheduler_total_steps,
+    zero_stage,
+)
+from amos_ds.train.flops import device_peak_tflops, step_flops
+from amos_ds.train.metrics import MetricsLog, average_over_ranks, memory_gib
+from amos_ds.train.signals import StopSignal
+from amos_ds.train.train_config import ConfigError, TrainConfig, build_parser, load_train_config
+
+
+def free_port() -> int:
+    """A free loopback port, so that single-process runs side by side do not collide on a fixed one."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def setup_distributed() -> tuple[int, int]:
+    """(rank, world size). Launchers set RANK/WORLD_SIZE; plain `python` gets a one-process group on loopback, and
+    mpirun's variables are used directly when MASTER_ADDR is given (DeepSpeed's MPI discovery would take the
+    machine's first interface address instead)."""
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" in os.environ and "MASTER_ADDR" in os.environ:
+        os.environ.update(RANK=os.environ["OMPI_COMM_WORLD_RANK"], WORLD_SIZE=os.environ["OMPI_COMM_WORLD_SIZE"],
+                          LOCAL_RANK=os.environ["OMPI_COMM_WORLD_LOCAL_RANK"])
+    elif "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    os.environ.setdefault("MASTER_PORT", "29500")
+    deepspeed.init_distributed()
+    return dist.get_rank(), dist.get_world_size()
+
+
+def open_data(config: TrainConfig) -> PackedDataset:
+    """The --data corpora, or the built-in corpus (prepared once per cache, under a lock shared by the ranks)."""
+    specs = config.data or [prepare_builtin_corpus(os.path.expanduser(config.builtin_cache), config.builtin_vocab_size)]
+    return open_corpora(specs, config.seq_len, config.seed)
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; biases and LayerNorm gains are not decayed (as in BERT)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def gumbel_seed(run_seed: int, step: int, micro_step: int, rank: int) -> int:
+    """A distinct 63-bit key for the Gumbel noise of every (run, optimizer step, micro-step, data-parallel rank)."""
+    digest = hashlib.blake2b(f"{run_seed}/{step}/{micro_step}/{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def train(config: TrainConfig) -> int:
+    run_dir = Path(config.run_dir)
+    ds_path = config.deepspeed_config_path()
+    ds_file = load_ds_config(ds_path)
+    max_steps = config.max_steps or scheduler_total_steps(ds_file)
+    if not max_steps:
+        raise ConfigError(f"--max-steps: not given, and {ds_path} has no scheduler total_num_steps to default to")
+    rank, world_size = setup_distributed()
+    grad_accum = gradient_accumulation(ds_file, world_size, ds_path)  # fails before any data or model work
+    micro_batch, global_batch = ds_file["train_micro_batch_size_per_gpu"], ds_file["train_batch_size"]
+
+    # Data and model; the vocabulary size comes from the data's tokenizer.
+    dataset = open_data(config)
+    model_config = config.model_config(dataset.vocab_size)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        keep_tokenizer(dataset.tokenizer_dir, run_dir)
+
+    # Where to continue from. Another world size or ZeRO stage goes through a universal checkpoint.
+    resume = find_resume(run_dir, config.resume)
+    universal = False
+    if resume:
+        check_compatible(resume, dataset.tokenizer_hash, model_config.to_dict())
+        universal = resume.needs_universal(world_size, zero_stage(ds_file))
+        if universal:
+            prepare_universal(resume)
+    ds_config = derive_ds_config(ds_file, ds_path, world_size=world_size, max_steps=max_steps, fp32=config.fp32,
+                                 run_dir=run_dir, load_universal=universal)
+
+    seed_rng(config.seed)  # the same initial weights on every rank
+    model = AMOSModel(model_config)
+    weight_decay = ds_file.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, weight_decay),
+                                           config=ds_config)
+    seed_rng(config.seed + rank)  # dropout differs between ranks
+    sampler = ResumableSampler(len(dataset), micro_batch, rank, world_size, config.seed)
+    client_state = load_checkpoint(engine, resume, universal) if resume else None
+    if client_state:
+        sampler.load_state_dict(client_state["sampler"])
+    data_config = DataConfig(seq_len=config.seq_len, mask_prob=config.mask_prob, mask_split=config.mask_split,
+                             seed=config.seed, num_workers=config.num_workers)
+    batches = iter(build_loader(dataset, sampler, data_config))
+    if client_state:  # after iter(): starting a DataLoader iterator draws from torch's RNG
+        restore_rng(client_state, config.seed, engine.global_steps)
+        if rank == 0:
+            print(f"resumed from {resume.path} at step {engine.global_steps}"
+                  f"{' (universal checkpoint)' if universal else ''}", flush=True)
+
+    info = {"world_size": world_size, "zero_stage": zero_stage(ds_file), "precision": precision(ds_config),
+            "tokenizer_hash": dataset.tokenizer_hash, "code_version": code_version(),
+            "model": model_config.to_dict(), "train": config.to_dict(), "deepspeed": ds_config}
+    flops_per_step = step_flops(model_config, config.seq_len, config.mask_prob, global_batch)
+    peak_tflops = device_peak_tflops(engine.device, precision(ds_config))
+    stop = StopSignal(engine.device)
+    log = MetricsLog(run_dir, engine.monitor, engine.global_steps, enabled=rank == 0)
+    if rank == 0:
+        print(f"training {config.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) "
+              f"to step {max_steps} on {world_size} rank(s): batch {global_batch} = micro-batch {micro_batch} x "
+              f"accumulation {grad_accum} x {world_size}, seq_len {config.seq_len}, {precision(ds_config)}, "
+              f"ZeRO-{zero_stage(ds_file)}, {len(dataset)} samples", flush=True)
+
+    step = saved = engine.global_steps
+    while step < max_steps and not stop.should_stop():
+        started, data_wait, sums, samples = time.perf_counter(), 0.0, {}, []
+        lr = engine.get_lr()[0]
+        for micro_step in range(grad_accum):
+            waited = time.perf_counter()
+            batch = next(batches)
+            data_wait += time.perf_counter() - waited
+            out = engine(input_ids=batch["input_ids"].to(engine.device),
+                         attention_mask=batch["attention_mask"].to(engine.device),
+                         labels=batch["labels"].to(engine.device),
+                         seed=gumbel_seed(config.seed, step, micro_step, rank), progress=step / max_steps)
+            engine.backward(out.loss)
+            engine.step()
+            for name, value in out.metrics.items():
+                sums[name] = sums.get(name, 0.0) + value
+            samples += batch["sample_index"].tolist()
+        sampler.advance(global_batch)
+        step += 1
+
+        record = {"step": step, **average_over_ranks(sums, grad_accum)}
+        seconds = time.perf_counter() - started
+        grad_norm = engine.get_global_grad_norm()
+        tflops = flops_per_step / seconds / world_size / 1e12
+        record.update(lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else None,
+                      tokens_per_s=global_batch * config.seq_len / seconds, tflops=tflops,
+                      mfu=tflops / peak_tflops if peak_tflops else None, data_wait_s=data_wait, step_time_s=seconds,
+                      mem_gib=memory_gib(engine.device), world_size=world_size)
+        if config.log_samples:
+            gathered = [None] * world_size
+            dist.all_gather_object(gathered, samples)
+            record["samples"] = [index for rank_samples in gathered for index in rank_samples]
+        if step % config.log_every == 0 or step == max_steps:
+            log.log(record, max_steps)
+        if step % config.save_every == 0 or step == max_steps:
+            save_checkpoint(engine, run_dir, step, info, sampler.state_dict(), config.keep_last)
+            saved = step
+    if saved != step:  # stopped by SIGTERM/SIGUSR1
+        path = save_checkpoint(engine, run_dir, step, info, sampler.state_dict(), config.keep_last)
+        if rank == 0:
+            print(f"stop signal received: saved {path}, exiting", flush=True)
+    log.close()
+    if rank == 0 and config.plot:
+        from amos_ds.train.plot import plot_run
+
+        plot_run(run_dir)
+    return 0
+
+
+def release_shared_memory() -> None:
+    """DeepSpeed's CPU all-reduce leaves a /dev/shm buffer (66 MB) per rank behind at exit: remove this rank's."""
+    env = os.environ
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env['MASTER_ADDR']}_{env['MASTER_PORT']}_{env['LOCAL_RANK']}"
+    Path("/dev/shm", name).unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return train(load_train_config(args))
+    except (ConfigError, DataError) as err:
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one line per node, not one per rank
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    try:
+        exit_code = main()
+    except Exception:
+        traceback.print_exc()
+        exit_code = 1
+    # Leave without running interpreter teardown: gloo can abort there after all the work is done.
+    if dist.is_initialized():
+        dist.destroy_process_group()
+        release_shared_memory()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)

@@ -1,0 +1,267 @@
+"""Checkpoints for week-long runs: complete or absent, pruned to the last K, resumable at any world size.
+
+Layout of RUN_DIR/checkpoints/:
+    step_00001000/      DeepSpeed's files (engine.save_checkpoint), then amos_meta.json, written last
+    step_00001000/universal/   made on demand when a resume has another world size or ZeRO stage
+    latest              the newest complete tag, for DeepSpeed's own tools (zero_to_fp32 and the like)
+
+A checkpoint counts only once complete: every rank writes and fsyncs its own files, all ranks meet at a barrier,
+then rank 0 writes amos_meta.json and `latest` atomically (temporary file, fsync, rename). `--resume auto` takes
+the newest step that has amos_meta.json, so a run killed in the middle of a save resumes from the one before.
+
+DeepSpeed saves the model, optimizer, scheduler and step counters; the client state adds what it lacks: the data
+sampler's position, every rank's RNG states (Python, NumPy, torch CPU and CUDA), the configs, the tokenizer hash
+and the code version. Resuming at another world size (or ZeRO stage) converts the checkpoint once with DeepSpeed's
+`ds_to_universal` and loads it with `load_universal`; the sampler then re-splits the remaining samples.
+"""
+
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import amos_ds
+from amos_ds.train.train_config import ConfigError
+
+CHECKPOINTS = "checkpoints"
+META = "amos_meta.json"
+LATEST = "latest"
+UNIVERSAL = "universal"
+RUN_TOKENIZER = "tokenizer"  # RUN_DIR/tokenizer: a copy of the data's tokenizer, so a run directory stands alone
+_TAG = re.compile(r"step_(\d+)")
+# ModelConfig fields that choose how, not what, the model computes: free to change on resume (e.g. CPU -> GPU).
+IMPLEMENTATION_FIELDS = {"vocab_impl"}
+
+
+def keep_tokenizer(tokenizer_dir: Path, run_dir: Path) -> None:
+    """Copy the data's tokenizer folder to RUN_DIR/tokenizer once (a temporary name, then a rename)."""
+    target = run_dir / RUN_TOKENIZER
+    if target.is_dir():
+        return
+    staging = run_dir / f".{RUN_TOKENIZER}.{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(tokenizer_dir, staging)
+    os.replace(staging, target)
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _step_of(path: Path) -> int:
+    return int(_TAG.fullmatch(path.name).group(1))
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    path: Path  # the tag folder, e.g. RUN_DIR/checkpoints/step_00001000
+    meta: dict[str, Any]  # its amos_meta.json
+
+    @property
+    def step(self) -> int:
+        return self.meta["step"]
+
+    def needs_universal(self, world_size: int, zero_stage: int) -> bool:
+        """DeepSpeed loads its ZeRO files only at the world size and stage that wrote them."""
+        return (self.meta["world_size"], self.meta["zero_stage"]) != (world_size, zero_stage)
+
+
+def complete_checkpoints(checkpoints: Path) -> list[Path]:
+    """Tag folders with amos_meta.json, oldest first."""
+    tags = [p for p in checkpoints.glob("step_*") if _TAG.fullmatch(p.name) and (p / META).is_file()]
+    return sorted(tags, key=_step_of)
+
+
+def find_resume(run_dir: Path, resume: str) -> ResumePoint | None:
+    """Where `--resume` (auto, none, or a path to a tag folder or a run directory) says to continue from.
+
+    A run never overwrites its own newer checkpoints: starting RUN_DIR afresh, or from an older checkpoint, while
+    RUN_DIR holds later ones is an error (use another --run-dir to branch)."""
+    ours = complete_checkpoints(run_dir / CHECKPOINTS)
+    if resume == "auto":
+        return _resume_point(ours[-1]) if ours else None
+    point = None if resume == "none" else _explicit_resume_point(resume)
+    if ours and (point is None or _step_of(ours[-1]) > point.step):
+        raise ConfigError(f"--resume {resume}: --run-dir {run_dir} already holds checkpoints up to step "
+                          f"{_step_of(ours[-1])}, which this run would overwrite; use --resume auto to continue it, "
+                          "or another --run-dir")
+    return point
+
+
+def newest_checkpoint(path: Path) -> Path | None:
+    """The complete tag folder that `path` names: itself, or the newest in a checkpoints folder or a run directory."""
+    if (path / META).is_file():
+        return path
+    for folder in (path / CHECKPOINTS, path):
+        found = complete_checkpoints(folder)
+        if found:
+            return found[-1]
+    return None
+
+
+def _explicit_resume_point(resume: str) -> ResumePoint:
+    found = newest_checkpoint(Path(resume))
+    if found is None:
+        raise ConfigError(f"--resume {resume}: no complete checkpoint there (give a checkpoints/step_* folder with "
+                          f"{META}, a run directory, 'auto' or 'none')")
+    return _resume_point(found)
+
+
+def _resume_point(path: Path) -> ResumePoint:
+    return ResumePoint(path=path, meta=json.loads((path / META).read_text()))
+
+
+def check_compatible(point: ResumePoint, tokenizer_hash: str, model_config: dict[str, Any]) -> None:
+    """A checkpoint continues only on the same tokenizer and model shape; say which differs and what to do."""
+    if point.meta["tokenizer_hash"] != tokenizer_hash:
+        raise ConfigError(f"--resume {point.path}: trained on tokenizer {point.meta['tokenizer_hash']}, --data has "
+                          f"{tokenizer_hash}; use the same corpora, or --resume none / another --run-dir")
+    saved = point.meta["model"]
+    now = json.loads(json.dumps(model_config))
+    changed = sorted(name for name in saved.keys() | now.keys()
+                     if saved.get(name) != now.get(name) and name not in IMPLEMENTATION_FIELDS)
+    if changed:
+        details = ", ".join(f"{name}: {saved.get(name)} -> {now.get(name)}" for name in changed)
+        raise ConfigError(f"--resume {point.path}: model differs from the checkpoint's ({details}); use the same "
+                          "--preset and config, or --resume none / another --run-dir")
+
+
+def prepare_universal(point: ResumePoint) -> None:
+    """Rank 0 converts the checkpoint to DeepSpeed's universal format (once; reused later); all ranks wait."""
+    error = None
+    if dist.get_rank() == 0 and not (point.path / UNIVERSAL).is_dir():
+        partial = point.path / f"{UNIVERSAL}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(point.path),
+                   "--output_folder", str(partial), "--inject_missing_state"]
+        print(f"converting {point.path} for world size {dist.get_world_size()}: {' '.join(command)}", flush=True)
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode:
+            lines = (result.stderr or result.stdout).strip().splitlines()
+            error = f"converting {point.path} to a universal checkpoint failed: {lines[-1] if lines else '?'}"
+        else:
+            (point.path / "latest_universal").unlink(missing_ok=True)  # the converter's pointer; we name the folder
+            partial.rename(point.path / UNIVERSAL)
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise RuntimeError(box[0])
+
+
+def load_checkpoint(engine: Any, point: ResumePoint, universal: bool) -> dict[str, Any]:
+    """Load weights, optimizer and schedule into the engine; return the client state."""
+    load_dir, tag = (point.path, UNIVERSAL) if universal else (point.path.parent, point.path.name)
+    path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed found no checkpoint at {load_dir / tag}")
+    return client_state
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def seed_rng(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def restore_rng(client_state: dict[str, Any], seed: int, step: int) -> None:
+    """This rank's saved RNG states; at another world size there is no such thing, so seed from (seed, step, rank)."""
+    states = client_state["rng"]
+    if len(states) == dist.get_world_size():
+        set_rng_state(states[dist.get_rank()])
+    else:
+        seed_rng(hash((seed, step, dist.get_rank())) & 0x7FFFFFFF)
+
+
+def code_version() -> str:
+    """amos-ds's version, plus the git commit (and '-dirty') when running from a checkout."""
+    root = Path(amos_ds.__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=root,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
+    return f"{amos_ds.__version__}+{commit}" if commit else amos_ds.__version__
+
+
+def save_checkpoint(engine: Any, run_dir: Path, step: int, info: dict[str, Any], sampler_state: dict[str, Any],
+                    keep_last: int) -> Path:
+    """Save on every rank, fsync, then mark complete (amos_meta.json, `latest`) and prune to the last K."""
+    rank = dist.get_rank()
+    checkpoints = run_dir / CHECKPOINTS
+    path = checkpoints / tag_for(step)
+    if rank == 0 and path.exists():
+        shutil.rmtree(path)  # the leftover of a run that crashed while saving this step
+    dist.barrier()
+    rng_states = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(rng_state(), rng_states, dst=0)
+    client_state = {"info": info, "sampler": sampler_state, "rng": rng_states}
+    engine.save_checkpoint(str(checkpoints), tag=path.name, client_state=client_state, save_latest=False)
+    for file in _files_written_by(path, rank):
+        _fsync(file)
+    dist.barrier()
+    if rank == 0:
+        _write_atomically(path / META, json.dumps({"step": step, **info}, indent=2))
+        _write_atomically(checkpoints / LATEST, path.name)
+        _prune(checkpoints, keep_last)
+    dist.barrier()
+    return path
+
+
+def _files_written_by(path: Path, rank: int) -> list[Path]:
+    """DeepSpeed names each rank's ZeRO files `..._pp_rank_{rank}_mp_rank_...`; the rest are rank 0's."""
+    files = [f for f in path.iterdir() if f.is_file()]
+    mine = [f for f in files if f"pp_rank_{rank}_mp_rank" in f.name]
+    if rank == 0:
+        mine += [f for f in files if "pp_rank_" not in f.name]
+    return mine
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    _fsync(path.parent)
+
+
+def _prune(checkpoints: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints; drop older ones and leftovers of interrupted saves."""
+    kept = set(complete_checkpoints(checkpoints)[-keep_last:])
+    for tag in checkpoints.glob("step_*"):
+        if _TAG.fullmatch(tag.name) and tag not in kept:
+            shutil.rmtree(tag)

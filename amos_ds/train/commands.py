@@ -1,0 +1,46 @@
+"""`amos-ds launch` and `amos-ds plot`: the trainer's command line (training itself is amos_ds/pretrain.py)."""
+
+import argparse
+import sys
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from amos_ds.train.launch import run_launch
+
+    return _reporting_errors(run_launch, args)
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from amos_ds.train.plot import plot_run
+
+    def run(args: argparse.Namespace) -> int:
+        for path in plot_run(args.run_dir):
+            print(path)
+        return 0
+
+    return _reporting_errors(run, args)
+
+
+def _reporting_errors(func, args: argparse.Namespace) -> int:
+    """Bad input ends the command with one line on stderr and exit code 2, not a traceback."""
+    from amos_ds.data import DataError
+    from amos_ds.train.train_config import ConfigError
+
+    try:
+        return func(args)
+    except (ConfigError, DataError) as err:
+        print(f"amos-ds: error: {err}", file=sys.stderr)
+        return 2
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from amos_ds.train.launch import add_arguments
+
+    launch = subparsers.add_parser("launch", help="check a hostfile and a run's plan, then start deepspeed",
+                                   description="Validate the hostfile, print the plan (--dry-run stops there), "
+                                               "write .deepspeed_env and exec `deepspeed ... amos_ds/pretrain.py`.")
+    add_arguments(launch)
+    launch.set_defaults(func=_launch)
+    plot = subparsers.add_parser("plot", help="draw a run's losses, mixture weights, accuracy and throughput")
+    plot.add_argument("run_dir", help="a run directory holding metrics.jsonl")
+    plot.set_defaults(func=_plot)

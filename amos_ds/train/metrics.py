@@ -1,0 +1,88 @@
+"""What a run reports each optimizer step: a console line (rank 0), `metrics.jsonl`, and TensorBoard.
+
+metrics.jsonl holds one JSON object per optimizer step with `step`, every model metric (averaged over the step's
+micro-batches and all ranks), `lr`, `grad_norm`, `tokens_per_s`, `tflops` (model TFLOP/s per device), `mfu`,
+`data_wait_s`, `step_time_s` and `mem_gib`. TensorBoard events go through DeepSpeed's monitor (the `tensorboard`
+section of the DeepSpeed config, pointed at RUN_DIR/tensorboard), under `Train/<name>`.
+"""
+
+import json
+import resource
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
+    """Every record of RUN_DIR/metrics.jsonl, in order ([] when there is none yet)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def average_over_ranks(sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
+    """Per-rank sums over `count` micro-batches -> the mean over all micro-batches of all ranks (one all-reduce)."""
+    names = sorted(sums)
+    stacked = torch.stack([sums[name].float() for name in names])
+    dist.all_reduce(stacked)
+    stacked /= count * dist.get_world_size()
+    return dict(zip(names, stacked.tolist()))
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak accelerator memory since the last call (CUDA), or the process's peak resident memory (CPU)."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class MetricsLog:
+    """Rank 0's writer of metrics.jsonl, TensorBoard events and the console line; other ranks hold a no-op one."""
+
+    def __init__(self, run_dir: Path, monitor: Any, resume_step: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.monitor = monitor
+        if not enabled:
+            return
+        path = Path(run_dir) / METRICS_FILE
+        # After a crash the file may hold steps past the checkpoint we resume from: those steps run again.
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step] \
+            if path.is_file() else []
+        path.write_text("".join(line + "\n" for line in kept))
+        self.file = path.open("a")
+
+    def log(self, record: dict[str, Any], max_steps: int) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        step = record["step"]
+        if self.monitor.enabled:
+            self.monitor.write_events([(f"Train/{name}", value, step) for name, value in record.items()
+                                       if isinstance(value, (int, float)) and name != "step"])
+        print(console_line(record, max_steps), flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+
+
+def console_line(record: dict[str, Any], max_steps: int) -> str:
+    """One compact line: progress, losses, what the paper plots, optimizer state, speed, memory."""
+    heads = [name.removeprefix("mix_weight_L") for name in record if name.startswith("mix_weight_L")]
+    mix = "/".join(f"{record[f'mix_weight_L{layer}']:.2f}" for layer in heads)
+    mfu = f"{100 * record['mfu']:.1f}%" if record["mfu"] is not None else "n/a"
+    grad_norm = f"{record['grad_norm']:.3f}" if record["grad_norm"] is not None else "n/a"
+    return (f"step {record['step']}/{max_steps} | loss {record['loss']:.4f} (mlm {record['mlm_loss']:.3f}, "
+            f"rtd {record['rtd_loss']:.4f}) | acc rep {record['disc_acc_replaced']:.3f} "
+            f"orig {record['disc_acc_original']:.3f} | mix L{'/'.join(heads)} {mix} | lr {record['lr']:.2e} | "
+            f"gnorm {grad_norm} | {record['tokens_per_s']:,.0f} tok/s | "
+            f"{record['tflops']:.3f} TFLOP/s | MFU {mfu} | data {1000 * record['data_wait_s']:.0f} ms | "
+            f"mem {record['mem_gib']:.2f} GiB")

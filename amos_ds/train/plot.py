@@ -1,0 +1,76 @@
+"""`amos-ds plot RUN_DIR`: PNGs of a run's metrics.jsonl in RUN_DIR/plots.
+
+    losses.png            total, per-head MLM and RTD loss
+    mixture_weights.png   mean mixture weight of each generator head over training (the paper's Figure 3a)
+    disc_accuracy.png     discriminator accuracy on replaced (and original) tokens (the paper's Figure 3b)
+    throughput.png        tokens/s and MFU
+"""
+
+from pathlib import Path
+
+from amos_ds.train.metrics import read_metrics
+from amos_ds.train.train_config import ConfigError
+
+
+def _series(records: list[dict], name: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[name]) for r in records if r.get(name) is not None]
+    return [step for step, _ in points], [value for _, value in points]
+
+
+def _head_layers(records: list[dict], prefix: str) -> list[str]:
+    return sorted((name for name in records[-1] if name.startswith(prefix)), key=lambda n: int(n.removeprefix(prefix)))
+
+
+def plot_run(run_dir: Path | str) -> list[Path]:
+    """Draw the four figures; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    if not records:
+        raise ConfigError(f"amos-ds plot {run_dir}: no metrics.jsonl records there; is it a run directory?")
+    out = run_dir / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        written.append(out / name)
+
+    fig, (mlm, rtd) = plt.subplots(1, 2, figsize=(11, 4))
+    mlm.plot(*_series(records, "mlm_loss"), label="MLM, sum of heads", color="black")
+    for name in _head_layers(records, "mlm_loss_L"):
+        mlm.plot(*_series(records, name), label=f"head at layer {name.removeprefix('mlm_loss_L')}")
+    mlm.set(title="generator MLM loss", xlabel="step", ylabel="cross-entropy")
+    mlm.legend()
+    rtd.plot(*_series(records, "rtd_loss"), color="tab:red")
+    rtd.set(title="discriminator RTD loss", xlabel="step", ylabel="binary cross-entropy")
+    save(fig, "losses.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in _head_layers(records, "mix_weight_L"):
+        ax.plot(*_series(records, name), label=f"layer {name.removeprefix('mix_weight_L')}")
+    ax.set(title="mixture weight per generator head (Fig. 3a)", xlabel="step", ylabel="mean weight", ylim=(0, 1))
+    ax.legend()
+    save(fig, "mixture_weights.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(*_series(records, "disc_acc_replaced"), label="replaced tokens")
+    ax.plot(*_series(records, "disc_acc_original"), label="original tokens", linestyle="--")
+    ax.set(title="discriminator accuracy (Fig. 3b)", xlabel="step", ylabel="accuracy", ylim=(0, 1))
+    ax.legend()
+    save(fig, "disc_accuracy.png")
+
+    fig, (speed, mfu) = plt.subplots(1, 2, figsize=(11, 4))
+    speed.plot(*_series(records, "tokens_per_s"))
+    speed.set(title="throughput", xlabel="step", ylabel="tokens / s")
+    steps, values = _series(records, "mfu")
+    mfu.plot(steps, [100 * v for v in values])
+    mfu.set(title="model FLOPs utilisation", xlabel="step", ylabel="MFU (%)")
+    save(fig, "throughput.png")
+    return written

@@ -1,0 +1,135 @@
+"""The settings of one pretraining run: a plain dataclass, filled from its defaults, then `--config FILE`, then flags.
+
+Only what scripts rely on has a flag (`--deepspeed_config`, `--preset`, `--data`, `--run-dir`, `--max-steps`,
+`--save-every`, `--resume`, `--seed`, `--fp32`); everything else lives in the JSON file, whose keys are the field
+names below. Optimizer, schedule, batch size, precision and ZeRO stage belong to the DeepSpeed config.
+"""
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from amos_ds.config import ModelConfig, get_preset, with_ablation
+
+# Shipped DeepSpeed configs, looked up here when a relative --deepspeed_config is not found from the working directory.
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+
+
+class ConfigError(ValueError):
+    """Bad input to a training run; the message is one line naming the flag or file and what to do."""
+
+
+@dataclass
+class TrainConfig:
+    # The model: a preset, then an ablation from the paper, then single-field overrides of ModelConfig.
+    preset: str = "small"
+    ablation: str | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    # The data: corpora written by `amos-ds prepare` as DIR[:WEIGHT]; none means the built-in corpus.
+    data: list[str] = field(default_factory=list)
+    builtin_cache: str = "~/.cache/amos-ds"
+    builtin_vocab_size: int = 8192
+    seq_len: int | None = None  # None: the model's max_positions (128 for tiny/small, 512 for base)
+    mask_prob: float = 0.15
+    mask_split: tuple[float, float, float] = (1.0, 0.0, 0.0)
+    num_workers: int = 2
+    # Optimizer, schedule, batch, precision and ZeRO: the DeepSpeed config; --fp32 turns bf16/fp16 off.
+    deepspeed_config: str = "ds_configs/cpu.json"
+    fp32: bool = False
+    max_steps: int | None = None  # None: the schedule's total_num_steps from the DeepSpeed config
+    seed: int = 1234
+    # Outputs.
+    run_dir: str = "runs/amos"
+    save_every: int = 1000
+    keep_last: int = 3
+    resume: str = "auto"  # auto: newest complete checkpoint in run_dir; none: start fresh; or a checkpoint path
+    log_every: int = 1
+    log_samples: bool = False  # record every step's sample indices in metrics.jsonl (for data-order checks)
+    plot: bool = True  # draw the PNGs into run_dir/plots at the end
+
+    def __post_init__(self) -> None:
+        self.mask_split = tuple(self.mask_split)
+        max_positions = self.model_config().max_positions
+        self.seq_len = self.seq_len or max_positions
+        if self.seq_len > max_positions:
+            raise ConfigError(f"TrainConfig.seq_len {self.seq_len} exceeds the model's max_positions {max_positions}")
+        for name in ("seq_len", "num_workers", "save_every", "keep_last", "log_every", "builtin_vocab_size"):
+            minimum = 0 if name == "num_workers" else 1
+            if getattr(self, name) < minimum:
+                raise ConfigError(f"TrainConfig.{name} must be at least {minimum}, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"--max-steps must be at least 1, got {self.max_steps}")
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ConfigError(f"TrainConfig.mask_prob must be in (0, 1), got {self.mask_prob}")
+
+    def model_config(self, vocab_size: int | None = None) -> ModelConfig:
+        """The preset with the ablation and overrides applied; a training run passes the data's vocabulary size."""
+        try:
+            config = get_preset(self.preset)
+            if self.ablation:
+                config = with_ablation(config, self.ablation)
+            config = config.replace(**self.model)
+            return config.replace(vocab_size=vocab_size) if vocab_size else config
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"model settings (--preset {self.preset}, ablation, model overrides): {err}") from err
+
+    def deepspeed_config_path(self) -> Path:
+        """--deepspeed_config as given, or else the shipped ds_configs/ file of that name."""
+        path = Path(self.deepspeed_config)
+        if path.is_file() or path.is_absolute():
+            return path
+        shipped = DS_CONFIG_DIR / path.name
+        return shipped if shipped.is_file() else path
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of `amos_ds/pretrain.py`; unset flags are None so that the config file's values stand."""
+    parser = argparse.ArgumentParser(prog="amos_ds/pretrain.py", description="Pretrain AMOS with DeepSpeed.")
+    parser.add_argument("--config", metavar="FILE", help="JSON file of TrainConfig fields (see docs/TRAINING.md)")
+    parser.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", metavar="FILE",
+                        help="DeepSpeed config JSON (default ds_configs/cpu.json)")
+    parser.add_argument("--preset", help="model preset: tiny, small, base, base_plus_plus")
+    parser.add_argument("--data", nargs="+", metavar="DIR[:WEIGHT]",
+                        help="prepared corpora, optionally weighted; absent: the built-in corpus")
+    parser.add_argument("--run-dir", dest="run_dir", help="checkpoints, metrics.jsonl, TensorBoard events, plots")
+    parser.add_argument("--max-steps", dest="max_steps", type=int,
+                        help="optimizer steps in the whole run (default: the schedule's total_num_steps)")
+    parser.add_argument("--save-every", dest="save_every", type=int,
+                        help="checkpoint every N optimizer steps, and at the end (default 1000)")
+    parser.add_argument("--resume", help="auto (newest complete checkpoint), none, or a checkpoint path")
+    parser.add_argument("--seed", type=int, help="data order, masking, weights, dropout, noise (default 1234)")
+    parser.add_argument("--fp32", action="store_true", default=None, help="no bf16/fp16 (for exactness tests)")
+    # Passed by the deepspeed launcher; the rank is read from the environment.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    return parser
+
+
+def load_train_config(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig defaults, overridden by the --config file, overridden by the flags that were given."""
+    values: dict[str, Any] = {}
+    if args.config:
+        values = _read_config_file(Path(args.config))
+    flags = {f.name for f in fields(TrainConfig)} & set(vars(args))
+    values.update({name: getattr(args, name) for name in flags if getattr(args, name) is not None})
+    return TrainConfig(**values)
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: file not found") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"--config {path}: not readable JSON ({err})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected a JSON object of TrainConfig fields")
+    known = [f.name for f in fields(TrainConfig)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown field(s) {unknown}; known: {known}")
+    return values

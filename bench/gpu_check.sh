@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# GPU check of the fused vocabulary path, in at most 8 minutes on an H100/H200 machine (PyTorch 2.11, Triton 3.6,
+# Python 3.12, no DeepSpeed, no network). Run from the repository root: bash bench/gpu_check.sh
+#
+# It carries its Python packages in .whl/ (made here, on a machine with a registry):
+#   ../shared/tools/gpu-wheels.sh .whl                                         # DeepSpeed and its dependencies
+#   python3 -m pip download -q --no-deps -d .whl pytest pluggy iniconfig packaging   # if the GPU machine lacks pytest
+#   python3 -m pip download -q --no-deps -d .whl liger-kernel                         # optional: the Liger CE row
+# Steps (each bounded by what is left of the 8 minutes):
+#   1. kernel tests on CUDA (fp32 and bf16): tests/test_kernels_*.py
+#   2. microbenchmark: python -m amos_kernels.bench (N 4096/16384, V 32768/64000, H 768, K 3, bf16)
+#   3. base-preset training throughput with the torch and the triton vocabulary path (bench/bench_train.py, if present)
+# and prints one table. Logs go to $OUT (or /tmp/amos_gpu_check).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+TOTAL_S=${GPU_CHECK_SECONDS:-470}
+LOG_DIR=${OUT:-/tmp/amos_gpu_check}
+SITE=/tmp/site
+START=$SECONDS
+mkdir -p "$LOG_DIR" "$SITE"
+
+# Seconds a step may take: at most $1, and never past the overall deadline (keeps 5 s for the report).
+budget() {
+  local left=$((TOTAL_S - (SECONDS - START) - 5))
+  ((left > $1)) && left=$1
+  ((left < 1)) && left=1
+  echo "$left"
+}
+
+# Carried wheels; amos_kernels is the kernels/ folder (setup.cfg package_dir), linked under its import name.
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target "$SITE" .whl/*.whl >"$LOG_DIR/install.log" 2>&1 \
+    || echo "wheel install failed: see $LOG_DIR/install.log"
+else
+  echo "no .whl/ wheels: DeepSpeed (training step) and pytest may be missing"
+fi
+ln -sfn "$PWD/kernels" "$SITE/amos_kernels"
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+ROWS=()
+# run_step NAME MAX_SECONDS LOG COMMAND...: runs with a timeout, records status, seconds and the output's last line.
+run_step() {
+  local name=$1 max=$2 log=$3
+  shift 3
+  local t0=$SECONDS limit status
+  limit=$(budget "$max")
+  timeout -k 5 "$limit" "$@" >"$log" 2>&1
+  case $? in
+    0) status=ok ;;
+    124 | 137) status="timeout ${limit}s" ;;
+    *) status=failed ;;
+  esac
+  local last
+  last=$(grep -v '^[[:space:]]*$' "$log" | tail -n 1 | tr '|' '/' | cut -c1-150)
+  ROWS+=("| $name | $status | $((SECONDS - t0)) | $last |")
+  echo "[$((SECONDS - START))s] $name: $status"
+}
+
+python3 - >"$LOG_DIR/env.log" 2>&1 <<'EOF'
+import torch, triton
+print(f"torch {torch.__version__}, triton {triton.__version__}, "
+      f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA DEVICE'}")
+EOF
+cat "$LOG_DIR/env.log"
+
+if python3 -c "import pytest" 2>/dev/null; then
+  run_step "kernel tests (CUDA, fp32 + bf16)" 150 "$LOG_DIR/tests.log" \
+    python3 -m pytest -q -p no:cacheprovider tests/test_kernels_vocab_path.py tests/test_kernels_bench.py
+else
+  ROWS+=("| kernel tests | skipped: no pytest (carry its wheels, see the header) | 0 | |")
+fi
+
+run_step "microbenchmark" 220 "$LOG_DIR/bench.log" python3 -m amos_kernels.bench --warmup 1 --repeats 3
+
+if [[ -f bench/bench_train.py ]]; then
+  for impl in torch triton; do
+    run_step "train base --impl $impl" 45 "$LOG_DIR/train_$impl.log" \
+      python3 bench/bench_train.py --preset base --impl "$impl"
+  done
+else
+  ROWS+=("| train base | skipped: bench/bench_train.py not present | 0 | |")
+fi
+
+{
+  echo "## amos-ds GPU check: $(cat "$LOG_DIR/env.log"), $((SECONDS - START)) s"
+  echo
+  echo "| step | status | seconds | last line of output |"
+  echo "| --- | --- | ---: | --- |"
+  printf '%s\n' "${ROWS[@]}"
+  echo
+  echo "### Microbenchmark (fused path vs PyTorch; logs in $LOG_DIR)"
+  grep -E '^(device:|\|)' "$LOG_DIR/bench.log"
+  for impl in torch triton; do
+    if [[ -f "$LOG_DIR/train_$impl.log" ]]; then
+      echo
+      echo "### bench_train.py --preset base --impl $impl (last lines)"
+      tail -n 5 "$LOG_DIR/train_$impl.log"
+    fi
+  done
+  if grep -qE '(failed|error)' "$LOG_DIR/tests.log" 2>/dev/null; then
+    echo
+    echo "### Kernel test failures"
+    grep -E '^(FAILED|ERROR)' "$LOG_DIR/tests.log"
+  fi
+} | tee "$LOG_DIR/summary.md"

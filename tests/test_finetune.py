@@ -1,0 +1,232 @@
+"""Fine-tuning: loading the kept encoder exactly, the paper's head, learning a synthetic task, TSV errors, and
+(when the trainer is there) fine-tuning from a real `amos_ds/pretrain.py` checkpoint."""
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from amos_ds.config import get_preset
+from amos_ds.data.errors import DataError
+from amos_ds.data.tokenizer import train_tokenizer
+from amos_ds.finetune.classifier import ClassificationHead, SentenceClassifier
+from amos_ds.finetune.commands import register
+from amos_ds.finetune.pretrained import EncoderSource, find_tokenizer, load_source, read_checkpoint
+from amos_ds.finetune.tasks import load_task, read_tsv
+from amos_ds.model import AMOSModel
+from amos_ds.pretrain import free_port
+from amos_ds.train.train_config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+PRETRAIN = REPO / "amos_ds" / "pretrain.py"
+FILLERS = ("the of and a to in is was it for on that with as this film story plot actors scene director music "
+           "ending script movie cast one its by").split()
+CUES = {"1": "splendid", "0": "dreadful"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine a second OpenMP thread waits on the other job's core (7-30x
+    slower steps were measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def synthetic_split(rng: random.Random, size: int) -> list[tuple[str, str]]:
+    """Filler sentences whose label is given by one cue word at a random position: easy to learn from scratch."""
+    rows = []
+    for _ in range(size):
+        label = rng.choice("01")
+        words = rng.choices(FILLERS, k=rng.randint(5, 12))
+        words.insert(rng.randint(0, len(words)), CUES[label])
+        rows.append((label, " ".join(words)))
+    return rows
+
+
+def write_tsv(path: Path, rows: list[tuple[str, str]]) -> None:
+    path.write_text("id\tlabel\tsentence\n" + "".join(f"{i}\t{label}\t{s}\n" for i, (label, s) in enumerate(rows)))
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> tuple[Path, Path]:
+    """(task folder, tokenizer folder) for the synthetic cue-word task."""
+    root = tmp_path_factory.mktemp("synthetic")
+    rng = random.Random(0)
+    task = root / "cue"
+    task.mkdir()
+    for split, size in (("train", 480), ("dev", 120), ("test", 200)):
+        write_tsv(task / f"{split}.tsv", synthetic_split(rng, size))
+    text = root / "text.txt"
+    text.write_text("\n".join(s for _, s in synthetic_split(rng, 2000)) + "\n")
+    train_tokenizer([str(text)], 400, str(root / "tokenizer"))
+    return task, root / "tokenizer"
+
+
+def finetune_cli(*flags: str) -> int:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["finetune", *flags])
+    return args.func(args)
+
+
+def test_state_dict_file_reproduces_discriminator_hidden_states(tmp_path):
+    config = get_preset("tiny")
+    torch.manual_seed(0)
+    model = AMOSModel(config).eval()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+
+    checkpoint = read_checkpoint(tmp_path / "model.pt", str(tmp_path / "config.json"))
+    assert checkpoint.config == config
+    assert set(checkpoint.state) == {"token_embedding"} | {f"discriminator.{k}" for k in
+                                                           model.discriminator.state_dict()}
+    encoder = EncoderSource(config, None, checkpoint.state, "file").build(dropout=0.1).eval()
+    input_ids = torch.randint(5, config.vocab_size, (3, 17))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 9:] = 0
+    with torch.no_grad():
+        expected = model.discriminator(F.embedding(input_ids, model.token_embedding), attention_mask)[-1]
+        assert torch.equal(encoder(input_ids, attention_mask), expected)
+
+
+def test_classification_head_is_dropout_dense_tanh_dropout_out_on_cls():
+    torch.manual_seed(0)
+    config = get_preset("tiny")
+    head = ClassificationHead(config.hidden_size, 3, dropout=0.1)
+    assert [type(m) for m in head] == [nn.Dropout, nn.Linear, nn.Tanh, nn.Dropout, nn.Linear]
+    assert head[0].p == head[3].p == 0.1
+    assert head[4].weight.shape == (3, config.hidden_size) and not head[4].bias.any()
+
+    model = SentenceClassifier(EncoderSource(config, None, None, "random").build(0.1), 3, dropout=0.1).eval()
+    for layer in (model.head[1], model.head[4]):
+        nn.init.normal_(layer.bias)  # non-zero, so the hand computation checks them too
+    input_ids = torch.randint(5, config.vocab_size, (2, 9))
+    mask = torch.ones_like(input_ids)
+    with torch.no_grad():
+        cls = model.encoder(input_ids, mask)[:, 0]
+        dense, out = model.head[1], model.head[4]
+        by_hand = torch.tanh(cls @ dense.weight.T + dense.bias) @ out.weight.T + out.bias
+        assert torch.allclose(model(input_ids, mask), by_hand, atol=1e-6)
+    model.train()  # dropout is active in training
+    assert not torch.equal(model(input_ids, mask), model(input_ids, mask))
+
+
+def test_random_init_tiny_learns_synthetic_task(synthetic, tmp_path):
+    task, tokenizer = synthetic
+    code = finetune_cli("--pretrained", "none", "--preset", "tiny", "--tokenizer", str(tokenizer),
+                        "--task-dir", str(task), "--epochs", "3", "--lr", "1e-3", "--batch-size", "16",
+                        "--warmup", "0.1", "--seeds", "1", "2", "--max-len", "32", "--output", str(tmp_path))
+    assert code == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["sizes"] == {"train": 480, "dev": 120, "test": 200}
+    assert [len(run["epochs"]) for run in results["runs"]] == [3, 3]
+    for run in results["runs"]:
+        best = max(run["epochs"], key=lambda e: e["dev_acc"])
+        assert (run["best_epoch"], run["test_acc"]) == (best["epoch"], best["test_acc"])
+        assert run["epochs"][-1]["train_loss"] < run["epochs"][0]["train_loss"]
+    assert results["median_dev_acc"] >= 0.95 and results["median_test_acc"] >= 0.95, results
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "train.tsv: file not found"),
+    ("", "train.tsv: empty"),
+    ("id\tsentence\n1\tgood\n", "train.tsv:1: header ['id', 'sentence'] lacks a `label`"),
+    ("id\tlabel\tsentence\n1\t1\tgood\n2\t0\tbad\textra\n", "train.tsv:3: 4 tab-separated fields, the header has 3"),
+    ("id\tlabel\tsentence\n1\t1\t \n", "train.tsv:2: empty label or sentence"),
+    ("id\tlabel\tsentence\n", "train.tsv: a header but no examples"),
+])
+def test_tsv_errors_are_one_line_naming_file_and_line(tmp_path, content, message):
+    if content is not None:
+        (tmp_path / "train.tsv").write_text(content)
+    with pytest.raises(DataError) as err:
+        read_tsv(tmp_path / "train.tsv")
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_dev_label_and_bad_flags_exit_2_with_one_line(synthetic, tmp_path, capsys):
+    task, tokenizer = synthetic
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.tsv").write_text((task / f"{split}.tsv").read_text())
+    (tmp_path / "dev.tsv").write_text("id\tlabel\tsentence\n1\tneutral\tso so\n")
+    with pytest.raises(DataError, match=r"dev.tsv: label\(s\) \['neutral'\] never occur in train.tsv"):
+        load_task(tmp_path)
+    cases = [(["--pretrained", "none", "--task-dir", str(task)], "--pretrained none: random init needs --tokenizer"),
+             (["--pretrained", str(tmp_path / "nope"), "--task-dir", str(task)], "nope: no such file or folder"),
+             (["--pretrained", "none", "--tokenizer", str(tokenizer), "--task-dir", str(tmp_path)], "dev.tsv"),
+             (["--pretrained", "none", "--tokenizer", str(tokenizer), "--task-dir", str(task), "--max-len", "999",
+               "--preset", "tiny"], "--max-len 999 exceeds the model's 128 positions")]
+    for flags, message in cases:
+        assert finetune_cli(*flags, "--output", str(tmp_path / "out")) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+def test_tokenizer_must_match_checkpoint(synthetic, tmp_path):
+    _, tokenizer = synthetic
+    config = get_preset("tiny", vocab_size=400)
+    torch.save(AMOSModel(config).state_dict(), tmp_path / "model.pt")
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    checkpoint = read_checkpoint(tmp_path / "model.pt", str(tmp_path / "config.json"))
+    assert find_tokenizer(checkpoint, str(tokenizer)).vocab_size == 400
+    with pytest.raises(ConfigError, match="a state-dict file needs --tokenizer DIR"):
+        find_tokenizer(checkpoint, None)
+    checkpoint.meta = {"tokenizer_hash": "0123456789abcdef"}
+    checkpoint.path = tmp_path / "run" / "checkpoints" / "step_00000001"
+    with pytest.raises(ConfigError, match="hash .* but .* was pretrained with 0123456789abcdef"):
+        find_tokenizer(checkpoint, str(tokenizer))
+    with pytest.raises(ConfigError, match=f"is not at {tmp_path / 'run' / 'tokenizer'}; pass --tokenizer DIR"):
+        find_tokenizer(checkpoint, None)
+    checkpoint.meta = {}
+    checkpoint.config = get_preset("tiny")
+    with pytest.raises(ConfigError, match="400 pieces, but the model has vocab_size 1024"):
+        find_tokenizer(checkpoint, str(tokenizer))
+
+
+def test_reads_real_movie_reviews(shared_data):
+    task = load_task(shared_data / "eval" / "mr")
+    assert task.labels == ["0", "1"]
+    assert (len(task.train), len(task.dev), len(task.test)) == (8501, 1044, 1060)
+
+
+@pytest.mark.skipif(not PRETRAIN.exists(), reason="the trainer amos_ds/pretrain.py is not there yet")
+def test_finetunes_from_a_pretrain_checkpoint(synthetic, tmp_path):
+    task, _ = synthetic
+    ds_config = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 8,
+                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.98], "eps": 1e-6,
+                                                           "torch_adam": True}},
+                 "zero_optimization": {"stage": 1}}
+    train_config = {"builtin_cache": str(tmp_path / "cache"), "builtin_vocab_size": 1024, "seq_len": 32,
+                    "num_workers": 0, "plot": False}
+    (tmp_path / "ds.json").write_text(json.dumps(ds_config))
+    (tmp_path / "train.json").write_text(json.dumps(train_config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "RANK": "0", "LOCAL_RANK": "0",
+           "WORLD_SIZE": "1", "MASTER_PORT": str(free_port())}
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, str(PRETRAIN), "--deepspeed_config", str(tmp_path / "ds.json"),
+                             "--config", str(tmp_path / "train.json"), "--preset", "tiny", "--max-steps", "2",
+                             "--fp32", "--run-dir", str(run_dir)], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+    assert (run_dir / "tokenizer" / "tokenizer.model").is_file()
+    source = load_source(str(run_dir))  # the newest checkpoint, and the tokenizer the run keeps in RUN_DIR/tokenizer
+    assert source.description.endswith("checkpoints/step_00000002")
+    assert source.tokenizer.hash == json.loads(Path(source.description, "amos_meta.json").read_text())["tokenizer_hash"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    saved = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag="step_00000002")
+    loaded = source.build(dropout=0.1).state_dict()
+    assert all(torch.equal(loaded[name], saved[name]) for name in loaded)
+    assert finetune_cli("--pretrained", str(run_dir), "--task-dir", str(task), "--epochs", "1", "--seeds", "1",
+                        "--max-len", "32", "--output", str(tmp_path / "out")) == 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["encoder"] == source.description

@@ -1,0 +1,197 @@
+"""End-to-end runs of amos_ds/pretrain.py on the CPU: gloo over loopback, the `tiny` preset, a few steps each.
+
+Two-rank runs go through the `deepspeed` launcher, one-rank runs through plain `python`. A run that finished its
+work and then hit gloo's rare abort at interpreter exit (see ../shared/ENVIRONMENT.md) is judged by its outputs,
+not by that exit code.
+"""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from amos_ds.data import ResumableSampler, open_corpora
+from amos_ds.data.builtin import prepare_builtin_corpus
+from amos_ds.pretrain import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+PRETRAIN = REPO / "amos_ds" / "pretrain.py"
+GLOBAL_BATCH, MICRO_BATCH, SEQ_LEN, VOCAB = 8, 4, 32, 1024
+GLOO_EXIT_ABORT = "terminate called without an active exception"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """The built-in corpus with a tiny-preset vocabulary, prepared once for every run of this module."""
+    cache = tmp_path_factory.mktemp("builtin")
+    prepare_builtin_corpus(str(cache), VOCAB)
+    return cache
+
+
+def write_configs(directory: Path, corpus: Path, zero_stage: int, lr: float = 1e-3, bf16: bool = False) -> list[str]:
+    """A DeepSpeed config and a training config for the tiny runs; returns the pretrain flags naming them."""
+    ds_config = {
+        "train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": MICRO_BATCH,
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.98], "eps": 1e-6,
+                                                  "weight_decay": 0.01, "torch_adam": True}},
+        "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr,
+                                                          "warmup_num_steps": 2, "warmup_type": "linear",
+                                                          "total_num_steps": 100}},
+        "gradient_clipping": 2.0, "bf16": {"enabled": bf16}, "zero_optimization": {"stage": zero_stage},
+    }
+    train_config = {"builtin_cache": str(corpus), "builtin_vocab_size": VOCAB, "seq_len": SEQ_LEN,
+                    "num_workers": 0, "plot": False, "log_samples": True}
+    (directory / "ds.json").write_text(json.dumps(ds_config))
+    (directory / "train.json").write_text(json.dumps(train_config))
+    return ["--deepspeed_config", str(directory / "ds.json"), "--config", str(directory / "train.json"),
+            "--preset", "tiny"]
+
+
+def command(ranks: int, port: int, flags: list[str]) -> list[str]:
+    if ranks == 1:
+        return [sys.executable, str(PRETRAIN), *flags]
+    return ["deepspeed", "--num_gpus", str(ranks), "--master_addr", "127.0.0.1", "--master_port", str(port),
+            str(PRETRAIN), *flags]
+
+
+def start(ranks: int, flags: list[str]) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    process = subprocess.Popen(command(ranks, port, flags), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return process, port
+
+
+def finish(process: subprocess.Popen, port: int, timeout: float = 240) -> str:
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    finally:
+        cleanup(process, port)
+    return output
+
+
+def cleanup(process: subprocess.Popen, port: int) -> None:
+    """Kill what is left of the run's process group and remove DeepSpeed's shared-memory buffers for its port."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+    for buffer in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+        os.remove(buffer)
+
+
+def run(ranks: int, flags: list[str]) -> str:
+    """Run to completion; fail with the output unless it exited 0 (or hit the known gloo abort at exit)."""
+    process, port = start(ranks, flags)
+    output = finish(process, port)
+    assert process.returncode == 0 or GLOO_EXIT_ABORT in output, output[-4000:]
+    return output
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def complete_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.parent.name.removeprefix("step_")) for p in run_dir.glob("checkpoints/step_*/amos_meta.json"))
+
+
+def test_two_ranks_zero2_bf16_trains_and_loss_falls(tmp_path, corpus):
+    flags = write_configs(tmp_path, corpus, zero_stage=2, lr=3e-3, bf16=True)
+    run_dir = tmp_path / "run"
+    run(2, [*flags, "--run-dir", str(run_dir), "--max-steps", "16", "--save-every", "8"])
+    records = metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, 17))
+    assert all(r["world_size"] == 2 for r in records)
+    first, last = (sum(r["loss"] for r in part) / 3 for part in (records[:3], records[-3:]))
+    assert last < first - 1.0, (first, last)
+    for name in ("mlm_loss_L1", "mix_weight_L3", "disc_acc_replaced", "lr", "grad_norm", "tokens_per_s", "mfu",
+                 "data_wait_s", "mem_gib"):
+        assert name in records[-1]
+    assert complete_steps(run_dir) == [8, 16]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000016"
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_resume_after_sigkill_is_bit_exact(tmp_path, corpus, zero_stage):
+    """2N steps straight vs N steps, SIGKILL, resume: in fp32 the losses after the resume are identical."""
+    flags = [*write_configs(tmp_path, corpus, zero_stage), "--fp32", "--max-steps", "6", "--save-every", "3"]
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    run(2, [*flags, "--run-dir", str(reference)])
+
+    process, port = start(2, [*flags, "--run-dir", str(interrupted)])
+    deadline = time.monotonic() + 240
+    try:
+        while not (interrupted / "checkpoints/step_00000003/amos_meta.json").exists():
+            assert process.poll() is None and time.monotonic() < deadline, "run ended before its first checkpoint"
+            time.sleep(0.01)
+    finally:
+        cleanup(process, port)  # SIGKILL, no clean exit
+    assert complete_steps(interrupted) == [3], "the run finished before the kill: nothing was tested"
+
+    output = run(2, [*flags, "--run-dir", str(interrupted), "--resume", "auto"])
+    assert "resumed from" in output and "step_00000003" in output
+    expected = metrics(reference)
+    resumed = metrics(interrupted)
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    for name in ("loss", "mlm_loss", "rtd_loss", "samples"):
+        assert [r[name] for r in resumed[3:]] == [r[name] for r in expected[3:]], name
+
+
+@pytest.mark.parametrize("ranks_before, ranks_after", [(2, 1), (1, 2)])
+def test_resume_at_another_world_size_neither_repeats_nor_skips(tmp_path, corpus, ranks_before, ranks_after):
+    flags = [*write_configs(tmp_path, corpus, zero_stage=2), "--run-dir", str(tmp_path / "run")]
+    run(ranks_before, [*flags, "--max-steps", "3"])
+    output = run(ranks_after, [*flags, "--max-steps", "6"])
+    assert "universal checkpoint" in output
+    records = metrics(tmp_path / "run")
+    assert [(r["step"], r["world_size"]) for r in records] == [
+        (step, ranks_before if step <= 3 else ranks_after) for step in range(1, 7)]
+    dataset = open_corpora([glob.glob(f"{corpus}/builtin-*")[0]], SEQ_LEN, seed=1234)
+    order = ResumableSampler(len(dataset), MICRO_BATCH, rank=0, world_size=1, seed=1234)
+    for record in records:
+        expected = order.global_indices((record["step"] - 1) * GLOBAL_BATCH, GLOBAL_BATCH).tolist()
+        assert sorted(record["samples"]) == sorted(expected), record["step"]
+    assert complete_steps(tmp_path / "run") == [3, 6]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, corpus):
+    run_dir = tmp_path / "run"
+    flags = [*write_configs(tmp_path, corpus, zero_stage=1), "--run-dir", str(run_dir), "--max-steps", "1000",
+             "--save-every", "1000"]
+    process, port = start(1, flags)
+    try:
+        deadline = time.monotonic() + 240
+        while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text()):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-4000:]
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        cleanup(process, port)
+    assert process.returncode == 0, output[-4000:]
+    assert "stop signal received" in output
+    steps = complete_steps(run_dir)
+    assert steps == [metrics(run_dir)[-1]["step"]] and 0 < steps[0] < 1000
+
+
+def test_bad_batch_size_is_one_line_error(tmp_path, corpus):
+    flags = write_configs(tmp_path, corpus, zero_stage=1)
+    ds_config = json.loads((tmp_path / "ds.json").read_text())
+    (tmp_path / "ds.json").write_text(json.dumps({**ds_config, "train_micro_batch_size_per_gpu": 3}))
+    result = subprocess.run(command(1, 0, [*flags, "--run-dir", str(tmp_path / "run")]), cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2
+    assert errors == [f"error: --deepspeed_config {tmp_path / 'ds.json'}: train_batch_size 8 is not divisible by "
+                      "train_micro_batch_size_per_gpu 3 x 1 data-parallel ranks = 3; pick a micro-batch and rank "
+                      "count whose product divides 8"]
+    assert not (tmp_path / "run").exists()
