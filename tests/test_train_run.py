@@ -195,3 +195,18 @@ def test_bad_batch_size_is_one_line_error(tmp_path, corpus):
                       "train_micro_batch_size_per_gpu 3 x 1 data-parallel ranks = 3; pick a micro-batch and rank "
                       "count whose product divides 8"]
     assert not (tmp_path / "run").exists()
+
+
+def test_two_ranks_zero3_partitioned_shared_embedding_trains(tmp_path, corpus):
+    """ZeRO-3 partitions the tied token embedding over the ranks; the vocabulary path must still see it whole."""
+    flags = write_configs(tmp_path, corpus, zero_stage=3, lr=3e-3, bf16=True)
+    run_dir = tmp_path / "run"
+    run(2, [*flags, "--run-dir", str(run_dir), "--max-steps", "10"])
+    records = metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, 11))
+    first, last = (sum(r["loss"] for r in part) / 3 for part in (records[:3], records[-3:]))
+    assert last < first - 1.0, (first, last)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag="step_00000010")
+    assert tuple(state["token_embedding"].shape) == (VOCAB, 64)

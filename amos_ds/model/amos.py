@@ -11,7 +11,7 @@ One forward pass, top to bottom (notation of the paper and ../shared/AMOS_SPEC.m
 Loss = sum_d L_MLM(d) + rtd_weight * L_RTD.
 """
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +28,13 @@ from amos_ds.vocab import IGNORE_INDEX
 _HEAD_CHOICE_SEED_SHIFT = 0x9E3779B97F4A7C15
 
 
-@dataclass
-class AMOSOutput:
-    """`loss` is what the trainer backpropagates; `metrics` holds detached float scalars for logging."""
+class AMOSOutput(NamedTuple):
+    """`loss` is what the trainer backpropagates; `metrics` holds detached float scalars for logging.
+
+    A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 finds the output tensors to hook its backward parameter
+    gathering on only inside tuples, lists and dicts; it would miss them in a dataclass and leave the shared token
+    embedding (a parameter of this top-level module) partitioned during the backward.
+    """
 
     loss: torch.Tensor
     head_losses: torch.Tensor  # [K] mean MLM cross-entropy of each head, in the graph
