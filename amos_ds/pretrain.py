@@ -20,17 +20,17 @@ import traceback
 from pathlib import Path
 
 import deepspeed
-import torch
 import torch.distributed as dist
 
 from amos_ds.data import DataConfig, DataError, PackedDataset, ResumableSampler, build_loader, open_corpora
 from amos_ds.data.builtin import prepare_builtin_corpus
+from amos_ds.data.tokenizer import copy_tokenizer
 from amos_ds.model import AMOSModel
 from amos_ds.train.checkpoint import (
+    RUN_TOKENIZER,
     check_compatible,
     code_version,
     find_resume,
-    keep_tokenizer,
     load_checkpoint,
     prepare_universal,
     restore_rng,
@@ -47,6 +47,7 @@ from amos_ds.train.ds_config import (
 )
 from amos_ds.train.flops import device_peak_tflops, step_flops
 from amos_ds.train.metrics import MetricsLog, average_over_ranks, memory_gib
+from amos_ds.train.param_groups import parameter_groups
 from amos_ds.train.signals import StopSignal
 from amos_ds.train.train_config import ConfigError, TrainConfig, build_parser, load_train_config
 
@@ -80,13 +81,6 @@ def open_data(config: TrainConfig) -> PackedDataset:
     return open_corpora(specs, config.seq_len, config.seed)
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only; biases and LayerNorm gains are not decayed (as in BERT)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-
-
 def gumbel_seed(run_seed: int, step: int, micro_step: int, rank: int) -> int:
     """A distinct 63-bit key for the Gumbel noise of every (run, optimizer step, micro-step, data-parallel rank)."""
     digest = hashlib.blake2b(f"{run_seed}/{step}/{micro_step}/{rank}".encode(), digest_size=8).digest()
@@ -109,7 +103,7 @@ def train(config: TrainConfig) -> int:
     model_config = config.model_config(dataset.vocab_size)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        keep_tokenizer(dataset.tokenizer_dir, run_dir)
+        copy_tokenizer(dataset.tokenizer_dir, run_dir / RUN_TOKENIZER)
 
     # Where to continue from. Another world size or ZeRO stage goes through a universal checkpoint.
     resume = find_resume(run_dir, config.resume)

@@ -11,7 +11,6 @@ import errno
 import json
 import multiprocessing as mp
 import os
-import shutil
 import sys
 import time
 from collections import deque
@@ -22,7 +21,7 @@ import numpy as np
 from amos_ds.data.errors import DataError
 from amos_ds.data.indexed import IndexedShard, ShardWriter, shard_name
 from amos_ds.data.sources import SourceStats, expand_inputs, iter_sources
-from amos_ds.data.tokenizer import Tokenizer
+from amos_ds.data.tokenizer import Tokenizer, copy_tokenizer
 
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
@@ -128,9 +127,7 @@ def preprocess(inputs: list[str], tokenizer_dir: str, output: str, workers: int 
     try:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / PLAN, plan)
-        if not (out / TOKENIZER_DIR).exists():
-            shutil.copytree(tokenizer.directory, out / f".{TOKENIZER_DIR}.tmp", dirs_exist_ok=True)
-            os.replace(out / f".{TOKENIZER_DIR}.tmp", out / TOKENIZER_DIR)
+        copy_tokenizer(tokenizer.directory, out / TOKENIZER_DIR)
     except OSError as e:
         raise DataError(f"{out}: cannot be written ({e.strerror}); check free space and permissions") from None
 

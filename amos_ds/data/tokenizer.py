@@ -160,3 +160,15 @@ def train_tokenizer(inputs: list[str], vocab_size: int, output: str, lowercase: 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Tokenizer(out)
+
+
+def copy_tokenizer(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copy a tokenizer folder to `target` unless it is there: a temporary name, then a rename, so that `target`
+    is whole or absent."""
+    target = Path(target)
+    if target.is_dir():
+        return
+    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    os.replace(staging, target)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from amos_ds.finetune.classifier import SentenceClassifier
 from amos_ds.finetune.pretrained import EncoderSource
 from amos_ds.finetune.tasks import Task, batches, encode
-from amos_ds.pretrain import parameter_groups
+from amos_ds.train.param_groups import parameter_groups
 from amos_ds.train.train_config import ConfigError
 
 

@@ -43,17 +43,6 @@ _TAG = re.compile(r"step_(\d+)")
 IMPLEMENTATION_FIELDS = {"vocab_impl"}
 
 
-def keep_tokenizer(tokenizer_dir: Path, run_dir: Path) -> None:
-    """Copy the data's tokenizer folder to RUN_DIR/tokenizer once (a temporary name, then a rename)."""
-    target = run_dir / RUN_TOKENIZER
-    if target.is_dir():
-        return
-    staging = run_dir / f".{RUN_TOKENIZER}.{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(tokenizer_dir, staging)
-    os.replace(staging, target)
-
-
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
