@@ -71,7 +71,7 @@ def _vocab_path_step(function: Callable) -> Callable[[dict[str, torch.Tensor]], 
 def _liger_step() -> Callable[[dict[str, torch.Tensor]], None] | None:
     """Liger's fused linear cross-entropy on each head (the cross-entropy part only), or None without Liger."""
     try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
     except ImportError:
         return None
     loss_fn = LigerFusedLinearCrossEntropyLoss()
@@ -169,6 +169,10 @@ def run_benchmark(rows_list: list[int], vocab_list: list[int], hidden: int, num_
                     ms, peak = _measure(step, inputs, warmup, repeats)
                 except torch.cuda.OutOfMemoryError:
                     emit(f"| {rows} | {vocab} | {name} | OOM | | | |")
+                    continue
+                except Exception as error:  # a method that fails (say, a compiler error) must not end the table
+                    first_line = (str(error).strip().splitlines() or [""])[0][:100].replace("|", "/")
+                    emit(f"| {rows} | {vocab} | {name} | failed: {type(error).__name__}: {first_line} | | | |")
                     continue
                 finally:
                     del inputs

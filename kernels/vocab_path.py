@@ -438,7 +438,15 @@ def mlm_and_sample_triton(head_states: torch.Tensor, mix_logits: torch.Tensor, e
                           bias: torch.Tensor, targets: torch.Tensor, tau: float, seed: int, grad_scale: float = -1.0,
                           adv_logit_scale: float = 0.0, config: KernelConfig | None = None,
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-head MLM losses and the mixed straight-through Gumbel-Softmax sample, fused (see the module docstring)."""
+    """Per-head MLM losses and the mixed straight-through Gumbel-Softmax sample, fused (see the module docstring).
+
+    Under autocast the matmul operands are cast to the autocast dtype, as F.linear would be (the casts are
+    differentiable, so fp32 parameters still get fp32 gradients).
+    """
+    device_type = head_states.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        head_states, embedding, bias = head_states.to(dtype), embedding.to(dtype), bias.to(dtype)
     _check_inputs(head_states, mix_logits, embedding, bias, targets)
     if config is None:
         config = default_config(head_states.shape[0], head_states.device)

@@ -120,6 +120,22 @@ def test_module_and_dispatch_agree() -> None:
         assert torch.equal(left, right)
 
 
+def test_autocast_runs_the_kernel_in_the_autocast_dtype() -> None:
+    """Under bf16 autocast, fp32 leaves give what their bf16 copies give, and fp32 gradients of the same values."""
+    inputs = _inputs(3, 10, 32, 90, torch.float32)
+    names = ("head_states", "mix_logits", "embedding", "bias")
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        autocast_out, autocast_grads = _run(mlm_and_sample_triton, inputs, as_fp32=False)
+    cast = {**inputs, **{name: inputs[name].to(torch.bfloat16) for name in names if name != "mix_logits"}}
+    cast_out, cast_grads = _run(mlm_and_sample_triton, cast, as_fp32=False)
+    assert autocast_out[2].dtype == torch.bfloat16
+    for left, right in zip(autocast_out, cast_out):
+        assert torch.equal(left, right)
+    for name in names:
+        assert autocast_grads[name].dtype == torch.float32, name
+        assert torch.equal(autocast_grads[name], cast_grads[name].float()), name
+
+
 def test_empty_embedding_raises() -> None:
     inputs = _inputs(3, 4, 16, 32, torch.float32)
     empty = torch.empty(0, device=DEVICE)  # what a ZeRO-3-partitioned parameter looks like outside its module
