@@ -66,14 +66,18 @@ EOF
 cat "$LOG_DIR/env.log"
 
 if python3 -c "import pytest" 2>/dev/null; then
+  # Each test shape is a new kernel specialisation to compile: four workers compile in parallel when xdist is there.
+  PARALLEL=()
+  python3 -c "import xdist" 2>/dev/null && PARALLEL=(-n 4)
   run_step "kernel tests (CUDA, fp32 + bf16)" 150 "$LOG_DIR/tests.log" \
-    python3 -m pytest -q -p no:cacheprovider tests/test_kernels_vocab_path.py tests/test_kernels_bench.py
+    python3 -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" tests/test_kernels_vocab_path.py \
+    tests/test_kernels_bench.py
 else
   ROWS+=("| kernel tests | skipped: no pytest (carry its wheels, see the header) | 0 | |")
 fi
 
 run_step "microbenchmark" 220 "$LOG_DIR/bench.log" \
-  python3 -m amos_kernels.bench --rows 16384 4096 --vocab 32768 64000 --warmup 1 --repeats 3
+  python3 -m amos_kernels.bench --rows 16384 4096 --vocab 32768 64000 --warmup 1 --repeats 5
 
 if [[ -f bench/bench_train.py ]]; then
   for impl in torch triton; do
