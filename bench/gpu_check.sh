@@ -8,9 +8,10 @@
 #   python3 -m pip download -q --no-deps -d .whl liger-kernel                         # optional: the Liger CE row
 # Steps (each bounded by what is left of the 8 minutes):
 #   1. kernel tests on CUDA (fp32 and bf16): tests/test_kernels_*.py
-#   2. microbenchmark: python -m amos_kernels.bench (N 16384/4096, V 32768/64000, H 768, K 3, bf16; the goal
+#   2. tile sweep of the fused path: python -m amos_kernels.bench_tiles (N 16384, V 32768)
+#   3. microbenchmark: python -m amos_kernels.bench (N 16384/4096, V 32768/64000, H 768, K 3, bf16; the goal
 #      shape N 16384, V 32768 first, so that a timeout still leaves it)
-#   3. base-preset training throughput with the torch and the triton vocabulary path (bench/bench_train.py, if present)
+#   4. base-preset training throughput with the torch and the triton vocabulary path (bench/bench_train.py, if present)
 # and prints one table. Logs go to $OUT (or /tmp/amos_gpu_check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -76,6 +77,8 @@ else
   ROWS+=("| kernel tests | skipped: no pytest (carry its wheels, see the header) | 0 | |")
 fi
 
+run_step "tile sweep" 90 "$LOG_DIR/tiles.log" python3 -m amos_kernels.bench_tiles
+
 run_step "microbenchmark" 220 "$LOG_DIR/bench.log" \
   python3 -m amos_kernels.bench --rows 16384 4096 --vocab 32768 64000 --warmup 1 --repeats 5
 
@@ -94,6 +97,9 @@ fi
   echo "| step | status | seconds | last line of output |"
   echo "| --- | --- | ---: | --- |"
   printf '%s\n' "${ROWS[@]}"
+  echo
+  echo "### Tile sweep of the fused path"
+  grep -E '^(device:|\|)' "$LOG_DIR/tiles.log"
   echo
   echo "### Microbenchmark (fused path vs PyTorch; logs in $LOG_DIR)"
   grep -E '^(device:|\|)' "$LOG_DIR/bench.log"

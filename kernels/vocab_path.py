@@ -7,7 +7,8 @@ mlm_and_sample_triton(head_states[K,N,H], mix_logits[N,K], embedding[V,H], bias[
 ```
 Same numbers as the plain PyTorch reference (`amos_ds.ops.vocab_path.mlm_and_sample_torch`): logits_k = head_states[k]
 @ embedding.T + bias; head_losses[k] = mean cross-entropy against targets (valid ids in [0, V)); gamma =
-softmax(mix_logits); sampled_ids = argmax(sum_k gamma_k logits_k + g) with g = -log(-log(tl.rand(seed, row * V + id)));
+softmax(mix_logits); sampled_ids = argmax(sum_k gamma_k logits_k + g) with g = -log(-log(u)), u from word id % 4 of
+tl.randint4x(seed, row * cdiv(V, 4) + id // 4) (`amos_ds.ops.gumbel_noise`'s stream);
 sampled_embeds = embedding[sampled_ids] in value, its gradient reaching embedding as a lookup and mix_logits through
 y = softmax((mixed + g) / tau) times grad_scale (and the head logits, times adv_logit_scale, when that is not 0).
 No [N, V] logits are kept: the forward keeps O(N x K) statistics and the backward recomputes logit tiles.
@@ -23,8 +24,8 @@ once for all heads, and the mixed logits are a gamma-weighted sum over the slot 
 Forward (`_forward_kernel`, grid = row blocks x vocabulary splits). Each program walks its vocabulary range tile by
 tile and keeps, per stacked row, the running max and running sum of exp(logit - max) (online softmax) and the target
 logit; per row, the running best of mixed + g and its id (Gumbel-max; ties go to the lower id, like torch.argmax)
-and the online max/sum of (mixed + g) / tau, the normaliser of y. The noise is keyed by (seed, row * V + id) as an
-int64 counter, so the sample depends on neither tile sizes nor splits. Splits write partial statistics
+and the online max/sum of (mixed + g) / tau, the normaliser of y. The noise is keyed by (seed, row, id) alone (one
+Philox call per four ids), so the sample depends on neither tile sizes nor splits. Splits write partial statistics
 [splits, ...] that a few O(splits x N x K) PyTorch ops merge (log-sum-exp merge, best of the bests).
 
 Backward (`_backward_kernel` plus cuBLAS, over chunks of rows). d loss_k / d logits_k = (p_k - onehot) * dL_k / N
@@ -42,8 +43,8 @@ dlogits^T @ head_states; bias and the lookup gradient are PyTorch reductions. Th
 
 Precision: fp32 accumulation everywhere; bf16/fp16 operands go to tl.dot as they are on a GPU (fp32 operands with
 input_precision="ieee", no TF32), and are converted to fp32 after loading under TRITON_INTERPRET=1 (the interpreter
-gets bf16 wrong). Triton 3.6 and 3.7 have the same `tl.rand` (triton/language/random.py is identical in both), so the
-noise is the same stream as `amos_ds.ops.gumbel.philox_uniform` on either.
+gets bf16 wrong). Triton 3.6 and 3.7 have the same Philox (triton/language/random.py is identical in both), so the
+noise is the same stream as `amos_ds.ops.gumbel.gumbel_noise` on either.
 
 DeepSpeed ZeRO-3: `embedding` must be the full, gathered [V, H] matrix when this runs. Call the op from inside the
 forward of the module that owns the embedding parameter (DeepSpeed gathers a module's own parameters around its
@@ -79,17 +80,27 @@ class KernelConfig:
     num_warps: int = 8
     num_stages: int = 3
 
+    def __post_init__(self) -> None:
+        for name in ("block_n", "block_v", "block_h"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"KernelConfig.{name}: {value} is not a power of two >= 16 (tl.dot needs one)")
+
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def default_config(num_heads: int, device: torch.device) -> KernelConfig:
-    """Tiles for `device`: a 128-row stacked tile on a GPU; few, large tiles under the interpreter (fewer steps)."""
+    """Tiles for `device`: a 256 x 64 stacked tile on a GPU; few, large tiles under the interpreter (fewer steps).
+
+    256 x 64 was the fastest of the tiles that `python -m amos_kernels.bench_tiles` tried on an H200 (BENCHMARKS.md);
+    128 x 128 holds as many accumulators but spilled registers.
+    """
     slots = triton.next_power_of_2(num_heads + 1)
     if device.type != "cuda":
         return KernelConfig(block_n=16, block_v=64, block_h=64, num_splits=1)
-    return KernelConfig(block_n=max(16, 128 // slots))
+    return KernelConfig(block_n=max(16, 256 // slots), block_v=64)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -124,10 +135,17 @@ def _stacked_tile(x_ptr, e_ptr, b_ptr, slot, rows, cols, n_rows, hidden, vocab, 
 
 
 @triton.jit
-def _gumbel(seed, rows, cols, vocab):
-    """Gumbel(0, 1) noise [rows, cols]: -log(-log(tl.rand(seed, row * vocab + col))) with an int64 counter."""
-    offsets = rows.to(tl.int64)[:, None] * vocab + cols.to(tl.int64)[None, :]
-    return -tl.log(-tl.log(tl.rand(seed, offsets)))
+def _gumbel(seed, rows, first_col, vocab, BLOCK_V: tl.constexpr):
+    """Gumbel(0, 1) noise [rows, BLOCK_V] for columns first_col + arange(BLOCK_V) (first_col a multiple of 4).
+
+    Column v takes word v % 4 of tl.randint4x(seed, row * cdiv(vocab, 4) + v // 4) (an int64 counter): one Philox
+    call per four columns. The words are interleaved with two joins and a reshape.
+    """
+    quads = first_col // 4 + tl.arange(0, BLOCK_V // 4)
+    offsets = rows.to(tl.int64)[:, None] * tl.cdiv(vocab, 4) + quads.to(tl.int64)[None, :]
+    word0, word1, word2, word3 = tl.randint4x(seed, offsets)
+    words = tl.reshape(tl.join(tl.join(word0, word2), tl.join(word1, word3)), (rows.shape[0], BLOCK_V))
+    return -tl.log(-tl.log(tl.uint_to_uniform_float(words)))
 
 
 @triton.jit
@@ -189,7 +207,7 @@ def _forward_kernel(x_ptr, e_ptr, b_ptr, gamma_ptr, target_ptr,
         target_logit += tl.sum(tl.where(cols[None, :] == target_m[:, None], logits, 0.0), axis=1)
         # Mixed logits, Gumbel-max sample and the online normaliser of y = softmax((mixed + g) / tau).
         mixed = _slot_sum(logits, gamma_m, NUM_SLOTS, BLOCK_N, BLOCK_V)
-        perturbed = tl.where(col_ok[None, :], mixed + _gumbel(seed, rows, cols, vocab), float("-inf"))
+        perturbed = tl.where(col_ok[None, :], mixed + _gumbel(seed, rows, v0, vocab, BLOCK_V), float("-inf"))
         tile_best = tl.max(perturbed, axis=1)
         tile_id = tl.argmax(perturbed, axis=1).to(tl.int64) + v0
         better = tile_best > best_val
@@ -249,7 +267,7 @@ def _backward_kernel(x_ptr, e_ptr, b_ptr, gamma_ptr, target_ptr, head_lse_ptr, s
     shifted = tile_vals - center[:, None]
     grad_soft = _slot_sum(shifted, (slot == NUM_HEADS).to(tl.float32), NUM_SLOTS, BLOCK_N, BLOCK_V)  # gy'
     soft_lse = tl.load(soft_lse_ptr + rows, mask=row_ok, other=0.0)
-    soft = tl.exp((mixed + _gumbel(seed, rows, cols, vocab)) * inv_tau - soft_lse[:, None])
+    soft = tl.exp((mixed + _gumbel(seed, rows, tile * BLOCK_V, vocab, BLOCK_V)) * inv_tau - soft_lse[:, None])
     soft = tl.where(row_ok[:, None] & col_ok[None, :], soft, 0.0)  # y
     soft_grad = soft * grad_soft
     tl.store(part_s_ptr + tile * buffer_rows + rows - row_start, tl.sum(soft_grad, axis=1), mask=row_ok)

@@ -145,17 +145,19 @@ def test_empty_embedding_raises() -> None:
 
 
 @triton.jit
-def _noise_kernel(out_ptr, seed, first_row, vocab, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+def _noise_kernel(out_ptr, seed, first_row, first_col, vocab, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     rows = first_row + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_V)
-    tl.store(out_ptr + tl.arange(0, BLOCK_R)[:, None] * BLOCK_V + cols[None, :], _gumbel(seed, rows, cols, vocab))
+    noise = _gumbel(seed, rows, first_col, vocab, BLOCK_V)
+    tl.store(out_ptr + tl.arange(0, BLOCK_R)[:, None] * BLOCK_V + tl.arange(0, BLOCK_V)[None, :], noise)
 
 
 def test_noise_matches_gumbel_noise_beyond_32_bit_counters() -> None:
-    """The kernels' noise is `gumbel_noise`'s stream, also where row * V + id needs the high counter word."""
-    vocab, num_rows, seed = 64, 16, 2**40 + 3
-    first_row = 2**33 // vocab + 5
-    out = torch.empty(num_rows, vocab, dtype=torch.float32, device=DEVICE)
-    _noise_kernel[(1,)](out, seed, first_row, vocab, BLOCK_R=num_rows, BLOCK_V=vocab)
+    """The kernels' noise is `gumbel_noise`'s stream, in any column tile, also where the counter needs its high word."""
+    vocab, num_rows, seed = 70, 16, 2**40 + 3
+    first_row = 2**34 // vocab + 5
     expected = gumbel_noise(seed, num_rows, vocab, row_offset=first_row, device=DEVICE)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    for first_col, block_v in ((0, 64), (32, 32), (64, 16)):
+        out = torch.empty(num_rows, block_v, dtype=torch.float32, device=DEVICE)
+        _noise_kernel[(1,)](out, seed, first_row, first_col, vocab, BLOCK_R=num_rows, BLOCK_V=block_v)
+        valid = min(block_v, vocab - first_col)
+        torch.testing.assert_close(out[:, :valid], expected[:, first_col:first_col + valid], rtol=1e-5, atol=1e-6)
