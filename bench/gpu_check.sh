@@ -7,7 +7,7 @@
 #   python3 -m pip download -q --no-deps -d .whl pytest pluggy iniconfig packaging   # if the GPU machine lacks pytest
 #   python3 -m pip download -q --no-deps -d .whl liger-kernel                         # optional: the Liger CE row
 # Steps (each bounded by what is left of the 8 minutes):
-#   1. kernel tests on CUDA (fp32 and bf16): tests/test_kernels_*.py
+#   1. kernel and noise tests on CUDA (fp32 and bf16): tests/test_kernels_*.py, tests/test_ops.py
 #   2. tile sweep of the fused path: python -m amos_kernels.bench_tiles (N 16384, V 32768)
 #   3. microbenchmark: python -m amos_kernels.bench (N 16384/4096, V 32768/64000, H 768, K 3, bf16; the goal
 #      shape N 16384, V 32768 first, so that a timeout still leaves it)
@@ -71,7 +71,7 @@ if python3 -c "import pytest" 2>/dev/null; then
   PARALLEL=()
   python3 -c "import xdist" 2>/dev/null && PARALLEL=(-n 4)
   run_step "kernel tests (CUDA, fp32 + bf16)" 150 "$LOG_DIR/tests.log" \
-    python3 -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" tests/test_kernels_vocab_path.py \
+    python3 -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" tests/test_kernels_vocab_path.py tests/test_ops.py \
     tests/test_kernels_bench.py
 else
   ROWS+=("| kernel tests | skipped: no pytest (carry its wheels, see the header) | 0 | |")
