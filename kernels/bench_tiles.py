@@ -16,12 +16,15 @@ from .vocab_path import KernelConfig, _backward_kernel, _forward_kernel, default
 
 CONFIGS = (
     dict(block_n=64, block_v=64),
-    dict(block_n=32, block_v=128),
-    dict(block_n=32, block_v=64),
-    dict(block_n=64, block_v=64, num_warps=4),
-    dict(block_n=64, block_v=32),
-    dict(block_n=128, block_v=32),
     dict(block_n=64, block_v=64, block_h=32, num_stages=4),
+    dict(block_n=32, block_v=64, num_warps=4),
+    dict(block_n=32, block_v=64, block_h=32, num_warps=4, num_stages=4),
+    dict(block_n=16, block_v=64, num_warps=4),
+    dict(block_n=32, block_v=64, maxnreg=128),
+    dict(block_n=32, block_v=64, block_h=32, num_stages=4, maxnreg=128),
+    dict(block_n=64, block_v=64, block_h=32, num_stages=4, maxnreg=128),
+    dict(block_n=64, block_v=32, maxnreg=128),
+    dict(block_n=32, block_v=128, num_warps=4),
 )
 
 
@@ -58,19 +61,25 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda")
     print(f"device: {torch.cuda.get_device_name(device)}; N {args.rows}, V {args.vocab}, H {args.hidden}, "
           f"K {args.heads}, bf16; default {default_config(args.heads, device)}")
-    print("| block_n | block_v | block_h | warps | stages | forward ms | fwd + bwd ms | fwd regs/spills "
+    print("| block_n | block_v | block_h | warps | stages | maxnreg | forward ms | fwd + bwd ms | fwd regs/spills "
           "| bwd regs/spills |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
     for settings in CONFIGS:
         config = KernelConfig(**settings)
         step = _vocab_path_step(functools.partial(mlm_and_sample_triton, config=config))
         inputs = _make_inputs(args.heads, args.rows, args.hidden, args.vocab, torch.bfloat16, device)
-        forward_ms = _forward_ms(inputs, config, args.repeats)
-        total_ms, _ = _measure(step, inputs, 1, args.repeats)
-        print(f"| {config.block_n} | {config.block_v} | {config.block_h} | {config.num_warps} | {config.num_stages} | "
-              f"{forward_ms:.1f} | {total_ms:.1f} | {_registers(_forward_kernel)} | {_registers(_backward_kernel)} |",
-              flush=True)
-        del inputs
+        settings_text = (f"| {config.block_n} | {config.block_v} | {config.block_h} | {config.num_warps} | "
+                         f"{config.num_stages} | {config.maxnreg or '-'} |")
+        try:
+            forward_ms = _forward_ms(inputs, config, args.repeats)
+            total_ms, _ = _measure(step, inputs, 1, args.repeats)
+        except Exception as error:  # a tile the GPU cannot run (say, too much shared memory) is one failed row
+            print(f"{settings_text} failed: {type(error).__name__} | | | |", flush=True)
+            continue
+        finally:
+            del inputs
+        print(f"{settings_text} {forward_ms:.1f} | {total_ms:.1f} | {_registers(_forward_kernel)} | "
+              f"{_registers(_backward_kernel)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,8 @@ class KernelConfig:
     block_n: rows per program (the stacked tile has next_pow2(slots) * block_n rows).
     block_v, block_h: vocabulary and hidden tile. num_splits: vocabulary splits of the forward grid (None: enough
     programs to fill the GPU). grad_buffer_bytes: bound on the backward's [K, chunk, V] logit-gradient buffer.
+    maxnreg: cap on registers per thread (PTX .maxnreg; None: the compiler's choice). A cap low enough for two
+    programs per SM lets one program's softmax and sampling arithmetic overlap the other's matmul.
     """
 
     block_n: int = 32
@@ -79,6 +81,7 @@ class KernelConfig:
     grad_buffer_bytes: int = 512 * 2**20
     num_warps: int = 8
     num_stages: int = 3
+    maxnreg: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_v", "block_h"):
@@ -304,9 +307,12 @@ def _launch_settings(dtype: torch.dtype, config: KernelConfig) -> dict:
     "tf32" is Triton's default precision and has no effect on 16-bit operands.
     """
     fp32 = dtype == torch.float32
-    return dict(BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_H=config.block_h, UPCAST=_interpreting(),
-                PRECISION="ieee" if fp32 else "tf32", num_warps=config.num_warps,
-                num_stages=min(config.num_stages, 2) if fp32 else config.num_stages)
+    settings = dict(BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_H=config.block_h, UPCAST=_interpreting(),
+                    PRECISION="ieee" if fp32 else "tf32", num_warps=config.num_warps,
+                    num_stages=min(config.num_stages, 2) if fp32 else config.num_stages)
+    if config.maxnreg is not None and not _interpreting():
+        settings["maxnreg"] = config.maxnreg
+    return settings
 
 
 def _num_splits(config: KernelConfig, device: torch.device, row_blocks: int, vocab_tiles: int) -> int:
