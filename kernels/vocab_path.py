@@ -70,8 +70,8 @@ class KernelConfig:
     block_n: rows per program (the stacked tile has next_pow2(slots) * block_n rows).
     block_v, block_h: vocabulary and hidden tile. num_splits: vocabulary splits of the forward grid (None: enough
     programs to fill the GPU). grad_buffer_bytes: bound on the backward's [K, chunk, V] logit-gradient buffer.
-    maxnreg: cap on registers per thread (PTX .maxnreg; None: the compiler's choice). A cap low enough for two
-    programs per SM lets one program's softmax and sampling arithmetic overlap the other's matmul.
+    maxnreg: cap on registers per thread (PTX .maxnreg; None: the compiler's choice). A cap of 128, low enough for
+    two 8-warp programs per SM, spilled and was slower on an H200 (BENCHMARKS.md).
     """
 
     block_n: int = 32
@@ -97,8 +97,8 @@ def _interpreting() -> bool:
 def default_config(num_heads: int, device: torch.device) -> KernelConfig:
     """Tiles for `device`: a 256 x 64 stacked tile on a GPU; few, large tiles under the interpreter (fewer steps).
 
-    256 x 64 was the fastest of the tiles that `python -m amos_kernels.bench_tiles` tried on an H200 (BENCHMARKS.md);
-    128 x 128 holds as many accumulators but spilled registers.
+    On an H200, 256 x 64 took under a third of the time of 128 x 128 (which spilled registers); the best tile that
+    `python -m amos_kernels.bench_tiles` found was 7% faster still (BENCHMARKS.md).
     """
     slots = triton.next_power_of_2(num_heads + 1)
     if device.type != "cuda":

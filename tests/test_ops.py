@@ -68,8 +68,9 @@ def test_gumbel_noise_matches_triton_randint4x_stream():
         tl.store(out + 3, tl.uint_to_uniform_float(word3), mask=q < quads)
 
     # A row offset large enough that the counter crosses 2**32, the seed wider than 32 bits, V not a multiple of 4.
-    seed, rows, vocab, row_offset = 2**40 + 17, 3, 50, 2**32 // 13 - 1
-    quads = 13
+    seed, rows, vocab = 2**40 + 17, 3, 50
+    quads = -(-vocab // 4)
+    row_offset = 2**32 // quads - 1
     device = "cuda" if torch.cuda.is_available() else "cpu"
     uniform = torch.empty(rows, 4 * quads, device=device)
     uniform_kernel[(rows,)](uniform, seed, quads, row_offset, BLOCK=16)
