@@ -34,7 +34,8 @@ def corpus(tmp_path_factory) -> Path:
     return cache
 
 
-def write_configs(directory: Path, corpus: Path, zero_stage: int, lr: float = 1e-3, bf16: bool = False) -> list[str]:
+def write_configs(directory: Path, corpus: Path, zero_stage: int, lr: float = 1e-3, bf16: bool = False,
+                  vocab_impl: str = "auto") -> list[str]:
     """A DeepSpeed config and a training config for the tiny runs; returns the pretrain flags naming them."""
     ds_config = {
         "train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": MICRO_BATCH,
@@ -46,7 +47,7 @@ def write_configs(directory: Path, corpus: Path, zero_stage: int, lr: float = 1e
         "gradient_clipping": 2.0, "bf16": {"enabled": bf16}, "zero_optimization": {"stage": zero_stage},
     }
     train_config = {"builtin_cache": str(corpus), "builtin_vocab_size": VOCAB, "seq_len": SEQ_LEN,
-                    "num_workers": 0, "plot": False, "log_samples": True}
+                    "num_workers": 0, "plot": False, "log_samples": True, "model": {"vocab_impl": vocab_impl}}
     (directory / "ds.json").write_text(json.dumps(ds_config))
     (directory / "train.json").write_text(json.dumps(train_config))
     return ["--deepspeed_config", str(directory / "ds.json"), "--config", str(directory / "train.json"),
@@ -210,3 +211,17 @@ def test_two_ranks_zero3_partitioned_shared_embedding_trains(tmp_path, corpus):
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag="step_00000010")
     assert tuple(state["token_embedding"].shape) == (VOCAB, 64)
+
+
+def test_two_ranks_zero3_fused_vocabulary_path_matches_the_plain_one(tmp_path, corpus):
+    """The Triton kernel (the interpreter here) under ZeRO-3 sees the whole partitioned embedding: in fp32 its
+    losses follow the plain PyTorch path's step by step."""
+    losses = {}
+    for impl in ("torch", "triton"):
+        directory = tmp_path / impl
+        directory.mkdir()
+        flags = write_configs(directory, corpus, zero_stage=3, lr=3e-3, vocab_impl=impl)
+        run(2, [*flags, "--run-dir", str(directory / "run"), "--max-steps", "3"])
+        losses[impl] = [r["loss"] for r in metrics(directory / "run")]
+    assert len(losses["triton"]) == 3
+    assert losses["triton"] == pytest.approx(losses["torch"], rel=1e-4)
