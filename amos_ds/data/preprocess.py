@@ -7,6 +7,7 @@ appends the results, in order, to the current shard. A rerun with the same input
 again but skips tokenizing the shards that are already whole. `manifest.json`, written last, marks the folder done.
 """
 
+import ctypes
 import errno
 import json
 import multiprocessing as mp
@@ -27,13 +28,30 @@ MANIFEST = "manifest.json"
 PLAN = "plan.json"
 TOKENIZER_DIR = "tokenizer"
 FORMAT_VERSION = 1
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 _worker_tokenizer: Tokenizer | None = None
 
 
 def _init_worker(tokenizer_dir: str) -> None:
     global _worker_tokenizer
+    _fix_mmap_threshold()
     _worker_tokenizer = Tokenizer(tokenizer_dir)
+
+
+def _fix_mmap_threshold() -> None:
+    """Hold glibc's mmap threshold at its 128 KiB default in this (worker) process; a no-op without glibc.
+
+    Each task moves buffers of about a batch (the pickled batch, its text, the token array). Once the first is freed,
+    glibc raises its mmap threshold past that size and serves later ones from the heap, whose holes keep growing: a
+    worker's resident memory crept from 47 to 75 MB over 160 batches. With the threshold fixed
+    (mallopt(M_MMAP_THRESHOLD)), each such buffer goes back to the system when it is freed.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
 
 
 def _encode_batch(documents: list[str]) -> tuple[np.ndarray, np.ndarray]:
