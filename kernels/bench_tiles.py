@@ -7,11 +7,11 @@ a new GPU. CUDA only.
 
 import argparse
 import functools
-import time
+from collections.abc import Callable
 
 import torch
 
-from .bench import _make_inputs, _measure, _vocab_path_step
+from .bench import SEED, TAU, _make_inputs, _measure, _vocab_path_step
 from .vocab_path import KernelConfig, _backward_kernel, _forward_kernel, default_config, mlm_and_sample_triton
 
 CONFIGS = (
@@ -28,16 +28,15 @@ CONFIGS = (
 )
 
 
-def _forward_ms(inputs: dict[str, torch.Tensor], config: KernelConfig, repeats: int) -> float:
-    args = [inputs[name] for name in ("head_states", "mix_logits", "embedding", "bias", "targets")]
-    with torch.no_grad():
-        mlm_and_sample_triton(*args, 0.3, 17, config=config)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            mlm_and_sample_triton(*args, 0.3, 17, config=config)
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3 / repeats
+def _forward_step(config: KernelConfig) -> Callable[[dict[str, torch.Tensor]], None]:
+    """The forward alone (no graph), with the same arguments as `bench._vocab_path_step`."""
+
+    def step(inputs: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            mlm_and_sample_triton(inputs["head_states"], inputs["mix_logits"], inputs["embedding"], inputs["bias"],
+                                  inputs["targets"], TAU, SEED, config=config)
+
+    return step
 
 
 def _registers(kernel) -> str:
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         settings_text = (f"| {config.block_n} | {config.block_v} | {config.block_h} | {config.num_warps} | "
                          f"{config.num_stages} | {config.maxnreg or '-'} |")
         try:
-            forward_ms = _forward_ms(inputs, config, args.repeats)
+            forward_ms, _ = _measure(_forward_step(config), inputs, 1, args.repeats)
             total_ms, _ = _measure(step, inputs, 1, args.repeats)
         except Exception as error:  # a tile the GPU cannot run (say, too much shared memory) is one failed row
             print(f"{settings_text} failed: {type(error).__name__} | | | |", flush=True)
