@@ -193,3 +193,22 @@ def test_loader_batches_and_worker_independence(corpora):
     masked = (first["labels"] != IGNORE_INDEX).sum(dim=1).tolist()
     candidates = [int((ds[int(i)] >= NUM_SPECIAL_TOKENS).sum()) for i in expected_index]
     assert masked == [int(0.15 * c + 0.5) for c in candidates] and min(masked) > 0
+
+
+def test_loader_masks_the_padding_of_short_samples(corpora):
+    """Each corpus's last sample is short: over one epoch the loader pads it and its attention mask marks exactly
+    the sample's own tokens."""
+    ds = open_corpora(list(corpora), SEQ, seed=7)
+    sampler = ResumableSampler(len(ds), 8, 0, 1, seed=7)
+    loader = iter(build_loader(ds, sampler, DataConfig(seq_len=SEQ, num_workers=0, seed=9)))
+    padded_rows = 0
+    for _ in range(-(-len(ds) // 8)):
+        batch = next(loader)
+        width = batch["input_ids"].shape[1]
+        for row, index in enumerate(batch["sample_index"].tolist()):
+            length = len(ds[index])
+            assert batch["attention_mask"][row].tolist() == [int(t < length) for t in range(width)]
+            assert (batch["input_ids"][row, length:] == PAD_ID).all()
+            assert (batch["labels"][row, length:] == IGNORE_INDEX).all()
+            padded_rows += length < width
+    assert padded_rows >= 2

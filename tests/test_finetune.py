@@ -20,10 +20,11 @@ from amos_ds.data.tokenizer import train_tokenizer
 from amos_ds.finetune.classifier import ClassificationHead, SentenceClassifier
 from amos_ds.finetune.commands import register
 from amos_ds.finetune.pretrained import EncoderSource, find_tokenizer, load_source, read_checkpoint
-from amos_ds.finetune.tasks import load_task, read_tsv
+from amos_ds.finetune.tasks import batches, load_task, read_tsv
 from amos_ds.model import AMOSModel
 from amos_ds.pretrain import free_port
 from amos_ds.train.train_config import ConfigError
+from amos_ds.vocab import PAD_ID
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "amos_ds" / "pretrain.py"
@@ -119,6 +120,34 @@ def test_classification_head_is_dropout_dense_tanh_dropout_out_on_cls():
         assert torch.allclose(model(input_ids, mask), by_hand, atol=1e-6)
     model.train()  # dropout is active in training
     assert not torch.equal(model(input_ids, mask), model(input_ids, mask))
+
+
+def test_padding_changes_no_classifier_logit():
+    """A padded batch gives each sentence the logits and hidden states it gets alone, whatever the padding holds."""
+    config = get_preset("tiny")
+    torch.manual_seed(0)
+    model = SentenceClassifier(EncoderSource(config, None, None, "random").build(0.1), 3, dropout=0.1).eval()
+    lengths = (14, 6)
+    sentences = [torch.cat([torch.tensor([1]), torch.randint(5, config.vocab_size, (n - 1,))]) for n in lengths]
+    with torch.no_grad():
+        alone = [(model(ids[None], torch.ones(1, len(ids), dtype=torch.long)),
+                  model.encoder(ids[None], torch.ones(1, len(ids), dtype=torch.long))) for ids in sentences]
+        attention_mask = torch.stack([(torch.arange(20) < n).long() for n in lengths])
+        for filler in (torch.zeros(20, dtype=torch.long), torch.randint(5, config.vocab_size, (20,))):
+            input_ids = torch.stack([torch.cat([ids, filler[len(ids):]]) for ids in sentences])
+            logits, hidden = model(input_ids, attention_mask), model.encoder(input_ids, attention_mask)
+            for row, (n, (single_logits, single_hidden)) in enumerate(zip(lengths, alone)):
+                torch.testing.assert_close(logits[row], single_logits[0], rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(hidden[row, :n], single_hidden[0], rtol=1e-5, atol=1e-5)
+
+
+def test_batches_pad_each_batch_to_its_longest_sentence_and_mask_the_padding():
+    encoded = [([1, 7, 8, 2], 0), ([1, 9, 2], 1), ([1, 5, 6, 7, 8, 2], 1)]
+    first, second = batches(encoded, batch_size=2)
+    assert first["input_ids"].tolist() == [[1, 7, 8, 2], [1, 9, 2, PAD_ID]]
+    assert first["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert first["labels"].tolist() == [0, 1]
+    assert second["attention_mask"].tolist() == [[1] * 6] and second["labels"].tolist() == [1]
 
 
 def test_random_init_tiny_learns_synthetic_task(synthetic, tmp_path):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from amos_ds.config import get_preset, with_ablation
 from amos_ds.model import AMOSModel, relative_position_bucket
@@ -42,6 +43,15 @@ def is_zero(tensors):
     return all(torch.count_nonzero(t) == 0 for t in tensors)
 
 
+def assert_negated(got, want, rtol=1e-5):
+    """`got` is -`want` to `rtol` of want's largest entry, and therefore far from `want` itself (the gradients here
+    are about 1e-8: an absolute tolerance would accept either sign)."""
+    scale = want.abs().max().item()
+    assert scale > 0, "no gradient at all: nothing was tested"
+    assert (got + want).abs().max().item() <= rtol * scale, "not the negated gradient"
+    assert (got - want).abs().max().item() >= scale, "the un-reversed gradient"
+
+
 def test_relative_position_buckets_match_hand_table():
     # 16 buckets, max distance 32: half = 8, exact below 4, then ceil(log(d/4)/log(31/4) * 3) above 4, capped at 7.
     distances = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 15, 16, 20, 31, 32, 100])
@@ -53,17 +63,20 @@ def test_relative_position_buckets_match_hand_table():
     assert torch.equal(relative_position_bucket(distances, 32, 128), torch.tensor([7, 8, 9, 10, 10, 12, 14, 15, 15]))
 
 
-def test_reversed_gradient_reaches_mixture_and_generator_but_not_mlm_head(monkeypatch):
-    model = build(TINY)
-    batch = make_batch(TINY)
+@pytest.mark.parametrize("vocab_impl", ["torch", "chunked"])
+def test_reversed_gradient_reaches_mixture_and_generator_but_not_mlm_head(monkeypatch, vocab_impl):
+    config = TINY.replace(vocab_impl=vocab_impl)
+    model = build(config)
+    batch = make_batch(config)
     out = model(*batch, seed=3)
-    scorer = list(model.mixture_scorer.parameters())
+    scorer, generator = list(model.mixture_scorer.parameters()), list(model.generators.parameters())
     mlm_head = list(model.mlm_head.parameters())
-    reversed_scorer = grads(out.rtd_loss, scorer)
-    assert not is_zero(reversed_scorer)
-    assert is_zero(grads(out.rtd_loss, mlm_head))  # neither the head transform nor the output bias
-    for layer in TINY.head_layers:  # every block, through f(d)
-        assert not is_zero(grads(out.rtd_loss, generator_layer_params(model, layer)))
+    reversed_grads = grads(out.rtd_loss, scorer + generator + mlm_head)  # one backward pass for all of them
+    assert not is_zero(reversed_grads[:len(scorer)])
+    assert is_zero(reversed_grads[len(scorer) + len(generator):])  # neither the head transform nor the output bias
+    by_param = dict(zip(generator, reversed_grads[len(scorer):]))
+    for layer in config.head_layers:  # every block, through f(d)
+        assert not is_zero([by_param[p] for p in generator_layer_params(model, layer)])
 
     # The un-reversed graph: the same forward with the straight-through gradient passed on unchanged.
     original = amos_module.ops.mlm_and_sample
@@ -71,8 +84,8 @@ def test_reversed_gradient_reaches_mixture_and_generator_but_not_mlm_head(monkey
                         lambda *args, grad_scale, **kwargs: original(*args, grad_scale=1.0, **kwargs))
     plain = model(*batch, seed=3)
     torch.testing.assert_close(plain.rtd_loss, out.rtd_loss, rtol=0, atol=0)
-    for got, want in zip(reversed_scorer, grads(plain.rtd_loss, scorer)):
-        torch.testing.assert_close(got, -want)
+    for got, want in zip(reversed_grads, grads(plain.rtd_loss, scorer + generator)):
+        assert_negated(got, want)
 
 
 def test_stop_gradient_confines_each_head_loss_to_its_block():
@@ -206,3 +219,133 @@ def test_batch_without_masked_tokens_gives_zero_mlm_loss():
     out = model(input_ids, attention_mask, torch.full_like(labels, IGNORE_INDEX), seed=0)
     assert torch.equal(out.head_losses, torch.zeros(3))
     assert not out.replaced.any() and torch.isfinite(out.loss)
+
+
+def sequences_with_masks(config):
+    """Two sequences of ordinary tokens, 20 and 13 long, with their labels (a few masked positions each)."""
+    generator = torch.Generator().manual_seed(8)
+    rows = []
+    for length, masked_positions in ((20, [2, 5, 11, 17]), (13, [1, 6, 12])):
+        original = torch.randint(5, config.vocab_size, (length,), generator=generator)
+        labels = torch.full_like(original, IGNORE_INDEX)
+        labels[masked_positions] = original[masked_positions]
+        input_ids = torch.where(labels != IGNORE_INDEX, torch.full_like(original, MASK_ID), original)
+        rows.append((input_ids, labels))
+    return rows
+
+
+def pad_rows(rows, length, filler):
+    """[B, length] input_ids, attention_mask, labels; padded positions hold `filler` (ids) and IGNORE_INDEX."""
+    input_ids = torch.stack([torch.cat([ids, filler[len(ids):length]]) for ids, _ in rows])
+    labels = torch.stack([torch.cat([lab, torch.full((length - len(lab),), IGNORE_INDEX)]) for _, lab in rows])
+    attention_mask = torch.stack([(torch.arange(length) < len(ids)).long() for ids, _ in rows])
+    return input_ids, attention_mask, labels
+
+
+def unpadded(row):
+    """The batch of one sequence, alone and unpadded."""
+    input_ids, labels = row
+    return input_ids[None], torch.ones_like(input_ids)[None], labels[None]
+
+
+def rtd_logits_of(model, batch, seed):
+    """The forward's output and the RTD head's logits [B, T], read by a hook on `model.rtd_head`."""
+    captured = []
+    handle = model.rtd_head.register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        out = model(*batch, seed=seed)
+    finally:
+        handle.remove()
+    return out, captured[0].reshape(batch[0].shape).detach()
+
+
+def test_padding_changes_no_output_at_real_positions():
+    """A padded batch gives each sequence the MLM losses, RTD logits and RTD loss it gets alone, unpadded, whatever
+    the padded positions hold: padding is masked out of attention and out of the losses."""
+    model = build(TINY)
+    rows = sequences_with_masks(TINY)
+    with torch.no_grad():  # every sample is token 7 (Gumbel noise is bounded), wherever the noise comes from
+        model.mlm_head.bias[7] = 1e4
+    alone = [rtd_logits_of(model, unpadded(row), seed=0) for row in rows]
+    real = torch.tensor([len(ids) for ids, _ in rows], dtype=torch.float32)
+    for filler in (torch.full((32,), PAD_ID), torch.randint(5, TINY.vocab_size, (32,))):
+        batch = pad_rows(rows, 32, filler)
+        out, logits = rtd_logits_of(model, batch, seed=0)
+        for row, (_, single_logits) in enumerate(alone):
+            torch.testing.assert_close(logits[row, :int(real[row])], single_logits[0], rtol=1e-5, atol=1e-5)
+        rtd_losses = torch.stack([single.rtd_loss for single, _ in alone])
+        torch.testing.assert_close(out.rtd_loss, (rtd_losses * real).sum() / real.sum(), rtol=1e-5, atol=0)
+
+    # The MLM losses (mean over masked positions) do not depend on the samples: compare them without the bias.
+    model = build(TINY)
+    masked = torch.tensor([float((labels != IGNORE_INDEX).sum()) for _, labels in rows])
+    alone = torch.stack([model(*unpadded(row), seed=0).head_losses for row in rows])
+    for filler in (torch.full((32,), PAD_ID), torch.randint(5, TINY.vocab_size, (32,))):
+        batched = model(*pad_rows(rows, 32, filler), seed=0).head_losses
+        torch.testing.assert_close(batched, (alone * masked[:, None]).sum(0) / masked.sum(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("rtd_bias", [3.0, -3.0])
+def test_metrics_of_a_batch_whose_answer_is_known(rtd_bias):
+    """Every sample is token 7 and the discriminator says `rtd_bias > 0` ("replaced") everywhere: the labels, the
+    RTD loss and both accuracies follow by hand."""
+    model = build(TINY)
+    rows = sequences_with_masks(TINY)
+    rows[0][1][5] = 7  # one masked original is token 7: its sample equals it, so it counts as original
+    input_ids, attention_mask, labels = pad_rows(rows, 24, torch.full((24,), PAD_ID))
+    with torch.no_grad():
+        model.mlm_head.bias[7] = 1e4
+        model.rtd_head.weight.zero_()
+        model.rtd_head.bias.fill_(rtd_bias)
+    out = model(input_ids, attention_mask, labels, seed=0)
+
+    masked = labels != IGNORE_INDEX
+    expected_replaced = masked & (labels != 7)
+    assert torch.equal(out.replaced, expected_replaced)
+    assert out.metrics["replaced_frac"].item() == pytest.approx(6 / 7, abs=1e-7)  # 7 masked, 6 replaced
+    real = attention_mask.bool()
+    targets = expected_replaced[real].float()
+    expected_loss = F.binary_cross_entropy_with_logits(torch.full_like(targets, rtd_bias), targets)
+    torch.testing.assert_close(out.rtd_loss, expected_loss)
+    torch.testing.assert_close(out.metrics["rtd_loss"], expected_loss)
+    says_replaced = float(rtd_bias > 0)
+    assert out.metrics["disc_acc_replaced"].item() == says_replaced
+    assert out.metrics["disc_acc_original"].item() == 1.0 - says_replaced
+
+
+def test_metrics_name_each_head_by_its_layer():
+    """Layer switch at progress p gives all the weight to one known head; mlm_loss_L<d> is head d's own loss (the
+    stop-gradient test shows which loss is whose), and the heads' losses differ."""
+    config = with_ablation(TINY, "layer_switch")
+    model = build(config)
+    batch = make_batch(config)
+    for progress, layer in ((0.0, 1), (0.5, 2), (0.9, 3)):
+        out = model(*batch, seed=0, progress=progress)
+        for other in config.head_layers:
+            assert out.metrics[f"mix_weight_L{other}"].item() == float(other == layer), (progress, other)
+    assert len(set(out.head_losses.tolist())) == 3
+    for k, layer in enumerate(config.head_layers):
+        assert out.metrics[f"mlm_loss_L{layer}"].item() == out.head_losses[k].item()
+    assert out.metrics["mlm_loss"].item() == pytest.approx(out.head_losses.sum().item(), rel=1e-6)
+
+
+def test_loss_uses_the_configured_rtd_weight():
+    config = TINY.replace(rtd_weight=7.0)
+    out = build(config)(*make_batch(config), seed=0)
+    assert out.rtd_loss.item() > 0.1
+    torch.testing.assert_close(out.loss, out.head_losses.sum() + 7.0 * out.rtd_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.metrics["loss"], out.loss.detach())
+
+
+def test_adversarial_mlm_gradient_is_proportional_to_the_configured_scale():
+    """The "+adv MLM" ablation (scale 0.1) gives the MLM head a tenth of the RTD gradient it gets at scale 1.0."""
+    config = with_ablation(TINY, "adv_mlm")
+    assert config.adv_mlm_scale == 0.1
+    head_grads = {}
+    for scale in (0.1, 1.0):
+        model = build(config.replace(adv_mlm_scale=scale))
+        out = model(*make_batch(config), seed=3)
+        head_grads[scale] = torch.cat([g.flatten() for g in grads(out.rtd_loss, list(model.mlm_head.parameters()))])
+    assert head_grads[1.0].abs().max() > 0
+    largest = head_grads[1.0].abs().max().item()
+    torch.testing.assert_close(head_grads[0.1], 0.1 * head_grads[1.0], rtol=1e-4, atol=1e-4 * largest)

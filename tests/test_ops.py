@@ -153,17 +153,19 @@ def test_plain_matches_hand_written_formulas():
     torch.testing.assert_close(grads[3], grad_logits.sum((0, 1)))
 
 
-def test_gradient_reversal_flips_only_the_mixture_gradient():
+@pytest.mark.parametrize("function", [mlm_and_sample_torch, mlm_and_sample_chunked])
+def test_gradient_reversal_flips_only_the_mixture_gradient(function):
     tensors, targets, grad_sampled = random_inputs()
     zero_losses = torch.zeros(3)
     grads = {}
     for scale in (-1.0, 1.0):
         leaves = [t.clone().requires_grad_() for t in tensors]
-        losses, _, embeds = mlm_and_sample_torch(*leaves, targets, 0.3, 1234, grad_scale=scale)
+        losses, _, embeds = function(*leaves, targets, 0.3, 1234, grad_scale=scale)
         ((losses * zero_losses).sum() + (embeds * grad_sampled).sum()).backward()
         grads[scale] = [leaf.grad for leaf in leaves]
-    torch.testing.assert_close(grads[-1.0][1], -grads[1.0][1])  # mix_logits: reversed
-    assert grads[-1.0][1].abs().sum() > 0
+    # mix_logits: reversed, with entries far above the tolerance, so that the sign is what is checked.
+    assert grads[1.0][1].abs().max() > 0.1
+    torch.testing.assert_close(grads[-1.0][1], -grads[1.0][1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[-1.0][2], grads[1.0][2])  # embedding: the lookup, unchanged
     assert torch.count_nonzero(grads[-1.0][0]) == 0  # per-head logits detached: no gradient to head_states
     assert torch.count_nonzero(grads[-1.0][3]) == 0

@@ -4,7 +4,13 @@ import json
 
 import pytest
 
-from amos_ds.train.ds_config import derive_ds_config, gradient_accumulation, load_ds_config, scheduler_total_steps
+from amos_ds.train.ds_config import (
+    derive_ds_config,
+    gradient_accumulation,
+    load_ds_config,
+    precision,
+    scheduler_total_steps,
+)
 from amos_ds.train.train_config import DS_CONFIG_DIR, ConfigError, TrainConfig, build_parser, load_train_config
 
 
@@ -84,3 +90,14 @@ def test_derived_config_for_one_run(tmp_path):
     assert config["scheduler"]["params"]["total_num_steps"] == 500
     assert config["tensorboard"] == {"enabled": True, "output_path": str(tmp_path), "job_name": "tensorboard"}
     assert config["checkpoint"] == {"load_universal": True}
+
+
+def test_derived_config_keeps_the_files_precision_unless_fp32(tmp_path):
+    base = load_ds_config(DS_CONFIG_DIR / "base.json")
+    config = derive_ds_config(base, "base.json", world_size=8, max_steps=10, fp32=False, run_dir=tmp_path,
+                              load_universal=False)
+    assert config["bf16"] == {"enabled": True} and precision(config) == "bf16"
+    assert "checkpoint" not in config
+    fp32 = derive_ds_config(base, "base.json", world_size=8, max_steps=10, fp32=True, run_dir=tmp_path,
+                            load_universal=False)
+    assert precision(fp32) == "fp32"

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from amos_ds.data import ResumableSampler, open_corpora
 from amos_ds.data.builtin import prepare_builtin_corpus
@@ -119,6 +120,11 @@ def test_two_ranks_zero2_bf16_trains_and_loss_falls(tmp_path, corpus):
     assert complete_steps(run_dir) == [8, 16]
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000016"
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    # The config says bf16: the engine trained bf16 weights (so the forward ran in bf16), and the run records it.
+    checkpoint = run_dir / "checkpoints" / "step_00000016"
+    assert json.loads((checkpoint / "amos_meta.json").read_text())["precision"] == "bf16"
+    module = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    assert {tensor.dtype for tensor in module.values()} == {torch.bfloat16}
 
 
 @pytest.mark.parametrize("zero_stage", [1, 2])
