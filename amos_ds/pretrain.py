@@ -28,6 +28,7 @@ from amos_ds.data.tokenizer import copy_tokenizer
 from amos_ds.model import AMOSModel
 from amos_ds.train.checkpoint import (
     RUN_TOKENIZER,
+    CheckpointError,
     check_compatible,
     code_version,
     find_resume,
@@ -212,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one line per node, not one per rank
             print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    except CheckpointError as err:  # not bad input: the disk failed; the checkpoints before it are intact
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":
