@@ -37,6 +37,7 @@ from amos_ds.train.checkpoint import (
     restore_rng,
     save_checkpoint,
     seed_rng,
+    tag_for,
 )
 from amos_ds.train.ds_config import (
     derive_ds_config,
@@ -48,6 +49,7 @@ from amos_ds.train.ds_config import (
 )
 from amos_ds.train.flops import device_peak_tflops, step_flops
 from amos_ds.train.metrics import MetricsLog, average_over_ranks, memory_gib
+from amos_ds.train.nonfinite import NonFiniteGuard, NonFiniteLoss
 from amos_ds.train.param_groups import parameter_groups
 from amos_ds.train.signals import StopSignal
 from amos_ds.train.train_config import ConfigError, TrainConfig, build_parser, load_train_config
@@ -142,6 +144,7 @@ def train(config: TrainConfig) -> int:
     flops_per_step = step_flops(model_config, config.seq_len, config.mask_prob, global_batch)
     peak_tflops = device_peak_tflops(engine.device, precision(ds_config))
     stop = StopSignal(engine.device)
+    nonfinite = NonFiniteGuard(engine, ds_config, ds_path, config.max_nonfinite_steps)
     log = MetricsLog(run_dir, engine.monitor, engine.global_steps, enabled=rank == 0)
     if rank == 0:
         print(f"training {config.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) "
@@ -161,7 +164,7 @@ def train(config: TrainConfig) -> int:
                          attention_mask=batch["attention_mask"].to(engine.device),
                          labels=batch["labels"].to(engine.device),
                          seed=gumbel_seed(config.seed, step, micro_step, rank), progress=step / max_steps)
-            engine.backward(out.loss)
+            engine.backward(nonfinite.guard(out.loss, last_micro_batch=micro_step == grad_accum - 1))
             engine.step()
             for name, value in out.metrics.items():
                 sums[name] = sums.get(name, 0.0) + value
@@ -176,7 +179,7 @@ def train(config: TrainConfig) -> int:
         record.update(lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else None,
                       tokens_per_s=global_batch * config.seq_len / seconds, tflops=tflops,
                       mfu=tflops / peak_tflops if peak_tflops else None, data_wait_s=data_wait, step_time_s=seconds,
-                      mem_gib=memory_gib(engine.device), world_size=world_size)
+                      mem_gib=memory_gib(engine.device), world_size=world_size, skipped_steps=engine.skipped_steps)
         if config.log_samples:
             gathered = [None] * world_size
             dist.all_gather_object(gathered, samples)
@@ -186,6 +189,8 @@ def train(config: TrainConfig) -> int:
         if step % config.save_every == 0 or step == max_steps:
             save_checkpoint(engine, run_dir, step, info, sampler.state_dict(), config.keep_last)
             saved = step
+        if nonfinite.after_step():
+            stop_after_nonfinite_losses(engine, run_dir, step, info, sampler.state_dict(), config, saved == step)
     if saved != step:  # stopped by SIGTERM/SIGUSR1
         path = save_checkpoint(engine, run_dir, step, info, sampler.state_dict(), config.keep_last)
         if rank == 0:
@@ -196,6 +201,17 @@ def train(config: TrainConfig) -> int:
 
         plot_run(run_dir)
     return 0
+
+
+def stop_after_nonfinite_losses(engine, run_dir: Path, step: int, info: dict, sampler_state: dict,
+                                 config: TrainConfig, already_saved: bool) -> None:
+    """Save the state (its weights are the last applied step's) and stop the run with NonFiniteLoss."""
+    path = run_dir / "checkpoints" / tag_for(step)
+    if not already_saved:
+        path = save_checkpoint(engine, run_dir, step, info, sampler_state, config.keep_last)
+    raise NonFiniteLoss(f"steps {step - config.max_nonfinite_steps + 1}-{step}: {config.max_nonfinite_steps} "
+                        f"non-finite losses in a row (TrainConfig.max_nonfinite_steps), all skipped; saved the last "
+                        f"good weights in {path}; lower the learning rate or check the data, then --resume auto")
 
 
 def release_shared_memory() -> None:
@@ -217,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
+    except NonFiniteLoss as err:
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 3
 
 
 if __name__ == "__main__":

@@ -48,6 +48,10 @@ class TrainConfig:
     log_every: int = 1
     log_samples: bool = False  # record every step's sample indices in metrics.jsonl (for data-order checks)
     plot: bool = True  # draw the PNGs into run_dir/plots at the end
+    # Faults. A step with a NaN/inf loss is skipped; this many in a row save the last good state and stop the run.
+    max_nonfinite_steps: int = 10
+    # A collective that waits longer than this (a rank hung or gone) fails, so the job ends and can resume.
+    collective_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         self.mask_split = tuple(self.mask_split)
@@ -55,7 +59,8 @@ class TrainConfig:
         self.seq_len = self.seq_len or max_positions
         if self.seq_len > max_positions:
             raise ConfigError(f"TrainConfig.seq_len {self.seq_len} exceeds the model's max_positions {max_positions}")
-        for name in ("seq_len", "num_workers", "save_every", "keep_last", "log_every", "builtin_vocab_size"):
+        for name in ("seq_len", "num_workers", "save_every", "keep_last", "log_every", "builtin_vocab_size",
+                     "max_nonfinite_steps", "collective_timeout_s"):
             minimum = 0 if name == "num_workers" else 1
             if getattr(self, name) < minimum:
                 raise ConfigError(f"TrainConfig.{name} must be at least {minimum}, got {getattr(self, name)}")
