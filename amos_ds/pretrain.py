@@ -17,10 +17,12 @@ import socket
 import sys
 import time
 import traceback
+from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 from amos_ds.data import DataConfig, DataError, PackedDataset, ResumableSampler, build_loader, open_corpora
 from amos_ds.data.builtin import prepare_builtin_corpus
@@ -62,10 +64,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def setup_distributed() -> tuple[int, int]:
+def setup_distributed(collective_timeout_s: float = TrainConfig.collective_timeout_s) -> tuple[int, int]:
     """(rank, world size). Launchers set RANK/WORLD_SIZE; plain `python` gets a one-process group on loopback, and
     mpirun's variables are used directly when MASTER_ADDR is given (DeepSpeed's MPI discovery would take the
-    machine's first interface address instead)."""
+    machine's first interface address instead).
+
+    A collective that waits longer than `collective_timeout_s` for a hung or dead rank raises (gloo), or is aborted
+    by the NCCL watchdog (TORCH_NCCL_ASYNC_ERROR_HANDLING, on by default), so the rank exits non-zero and the
+    launcher stops the job instead of leaving it idle until the scheduler's limit."""
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" in os.environ and "MASTER_ADDR" in os.environ:
         os.environ.update(RANK=os.environ["OMPI_COMM_WORLD_RANK"], WORLD_SIZE=os.environ["OMPI_COMM_WORLD_SIZE"],
                           LOCAL_RANK=os.environ["OMPI_COMM_WORLD_LOCAL_RANK"])
@@ -74,7 +80,11 @@ def setup_distributed() -> tuple[int, int]:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("MASTER_PORT", "29500")
-    deepspeed.init_distributed()
+    timeout = timedelta(seconds=collective_timeout_s)
+    # DeepSpeed's own groups (ZeRO's data-parallel group among them) come from dist.new_group() without a timeout,
+    # which takes torch's module-wide default (30 min for gloo, 10 for NCCL), not the world group's.
+    distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -97,7 +107,7 @@ def train(config: TrainConfig) -> int:
     max_steps = config.max_steps or scheduler_total_steps(ds_file)
     if not max_steps:
         raise ConfigError(f"--max-steps: not given, and {ds_path} has no scheduler total_num_steps to default to")
-    rank, world_size = setup_distributed()
+    rank, world_size = setup_distributed(config.collective_timeout_s)
     grad_accum = gradient_accumulation(ds_file, world_size, ds_path)  # fails before any data or model work
     micro_batch, global_batch = ds_file["train_micro_batch_size_per_gpu"], ds_file["train_batch_size"]
 
