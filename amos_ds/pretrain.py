@@ -114,18 +114,18 @@ def train(config: TrainConfig) -> int:
     # Data and model; the vocabulary size comes from the data's tokenizer.
     dataset = open_data(config)
     model_config = config.model_config(dataset.vocab_size)
+
+    # Where to continue from. Another world size or ZeRO stage goes through a universal checkpoint. Checked before
+    # anything is written, so that a bad --resume leaves the disk as it was.
+    resume = find_resume(run_dir, config.resume)
+    if resume:
+        check_compatible(resume, dataset.tokenizer_hash, model_config.to_dict())
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         copy_tokenizer(dataset.tokenizer_dir, run_dir / RUN_TOKENIZER)
-
-    # Where to continue from. Another world size or ZeRO stage goes through a universal checkpoint.
-    resume = find_resume(run_dir, config.resume)
-    universal = False
-    if resume:
-        check_compatible(resume, dataset.tokenizer_hash, model_config.to_dict())
-        universal = resume.needs_universal(world_size, zero_stage(ds_file))
-        if universal:
-            prepare_universal(resume)
+    universal = resume is not None and resume.needs_universal(world_size, zero_stage(ds_file))
+    if universal:
+        prepare_universal(resume)
     ds_config = derive_ds_config(ds_file, ds_path, world_size=world_size, max_steps=max_steps, fp32=config.fp32,
                                  run_dir=run_dir, load_universal=universal)
 

@@ -1,5 +1,6 @@
 """Test-wide settings: Triton kernels run in the interpreter where there is no GPU; the shared data folder."""
 
+import glob
 import os
 from pathlib import Path
 
@@ -18,3 +19,28 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA} (set AMOS_SHARED_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def one_rank_process_group():
+    """A one-rank gloo group in the test process, as `python amos_ds/pretrain.py` makes it; made once per session,
+    because DeepSpeed keeps its process groups for the life of the process."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from amos_ds.pretrain import free_port
+
+    port = str(free_port())
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    deepspeed.init_distributed()
+    yield
+    dist.destroy_process_group()
+    for buffer in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+        os.remove(buffer)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -1,7 +1,6 @@
 """Non-finite losses: the step is skipped by DeepSpeed's own optimizer on every rank (weights, optimizer state and
 learning rate untouched), counted, and after TrainConfig.max_nonfinite_steps in a row the run saves and stops."""
 
-import glob
 import json
 import os
 import subprocess
@@ -9,33 +8,12 @@ import subprocess
 import deepspeed
 import pytest
 import torch
-import torch.distributed as dist
 from test_train_run import REPO, command, corpus, metrics, write_configs  # noqa: F401 (corpus: a fixture)
 
-from amos_ds.pretrain import free_port
 from amos_ds.train.nonfinite import NonFiniteGuard
 from amos_ds.train.train_config import ConfigError
 
-DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """A one-rank gloo group in this process, as pretrain.py's single-process path makes it (once: DeepSpeed keeps
-    its process groups for the life of the process)."""
-    port = str(free_port())
-    saved = {key: os.environ.get(key) for key in DIST_ENV}
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    deepspeed.init_distributed()
-    yield
-    dist.destroy_process_group()
-    for buffer in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
-        os.remove(buffer)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # set by one_rank_process_group
 
 
 def make_engine(zero_stage: int, bf16: bool):
@@ -70,7 +48,7 @@ def optimizer_step(engine, guard: NonFiniteGuard | None, infinite_micro_batch: i
 
 
 @pytest.mark.parametrize("zero_stage, bf16", [(1, False), (2, True)])
-def test_a_non_finite_loss_skips_the_whole_update(process_group, zero_stage, bf16):
+def test_a_non_finite_loss_skips_the_whole_update(one_rank_process_group, zero_stage, bf16):
     engine, config = make_engine(zero_stage, bf16)
     unguarded = weights(engine)
     optimizer_step(engine, None, infinite_micro_batch=0)
@@ -95,7 +73,7 @@ def test_a_non_finite_loss_skips_the_whole_update(process_group, zero_stage, bf1
     assert engine.skipped_steps == skipped + 3
 
 
-def test_an_optimizer_that_cannot_skip_is_refused(process_group):
+def test_an_optimizer_that_cannot_skip_is_refused(one_rank_process_group):
     engine, config = make_engine(zero_stage=0, bf16=False)
     with pytest.raises(ConfigError, match="--deepspeed_config ds.json: this optimizer setup .* cannot skip"):
         NonFiniteGuard(engine, config, "ds.json", max_in_a_row=2)

@@ -71,6 +71,9 @@ class TrainConfig:
 
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
         """The preset with the ablation and overrides applied; a training run passes the data's vocabulary size."""
+        if vocab_size and self.model.get("vocab_size", vocab_size) != vocab_size:
+            raise ConfigError(f"TrainConfig.model.vocab_size {self.model['vocab_size']} differs from the data's "
+                              f"tokenizer ({vocab_size} pieces); remove it: the tokenizer sets the vocabulary size")
         try:
             config = get_preset(self.preset)
             if self.ablation:
