@@ -32,7 +32,6 @@ from amos_ds.train.checkpoint import (
     RUN_TOKENIZER,
     CheckpointError,
     check_compatible,
-    code_version,
     find_resume,
     load_checkpoint,
     prepare_universal,
@@ -55,6 +54,7 @@ from amos_ds.train.nonfinite import NonFiniteGuard, NonFiniteLoss
 from amos_ds.train.param_groups import parameter_groups
 from amos_ds.train.signals import StopSignal
 from amos_ds.train.train_config import ConfigError, TrainConfig, build_parser, load_train_config
+from amos_ds.train.version import code_version
 
 
 def free_port() -> int:

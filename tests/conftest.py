@@ -21,6 +21,15 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+# What one_rank_process_group puts in os.environ for the session (deepspeed.initialize reads it); a training run
+# started as a subprocess gets an environment without them, so that it picks its own port.
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def subprocess_env() -> dict[str, str]:
+    return {key: value for key, value in os.environ.items() if key not in DIST_ENV}
+
+
 @pytest.fixture(scope="session")
 def one_rank_process_group():
     """A one-rank gloo group in the test process, as `python amos_ds/pretrain.py` makes it; made once per session,
@@ -31,9 +40,8 @@ def one_rank_process_group():
     from amos_ds.pretrain import free_port
 
     port = str(free_port())
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
+    saved = {key: os.environ.get(key) for key in DIST_ENV}
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     deepspeed.init_distributed()
     yield
     dist.destroy_process_group()

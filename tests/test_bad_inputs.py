@@ -8,6 +8,7 @@ the `amos-ds` command line; each case's inputs are built in its own folder.
 import glob
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -96,6 +97,13 @@ def launch_env_not_key_value(tmp, cache):
 @case
 def config_unknown_key(tmp, cache):
     return "pretrain", train_flags(tmp, cache, learning_rate=1.0), "unknown field(s) ['learning_rate']"
+
+
+@case
+def config_value_is_code(tmp, cache):
+    """Config values are data: a string of Python where a number belongs is refused, never evaluated."""
+    return "pretrain", train_flags(tmp, cache, seq_len=f"__import__('pathlib').Path('{tmp}/pwned').touch()"), \
+        "seq_len must be int | None, got \"__import__("
 
 
 @case
@@ -297,7 +305,12 @@ def test_bad_input(name, tmp_path, corpus, capsys, one_rank_process_group):  # n
     program, argv, expected = CASES[name](tmp_path, corpus)
     before = snapshot(tmp_path, corpus)
     capsys.readouterr()
-    code = cli.main(argv) if program == "cli" else pretrain.main(argv)
+    environment = dict(os.environ)
+    try:
+        code = cli.main(argv) if program == "cli" else pretrain.main(argv)
+    finally:  # pretrain.main sets RANK, MASTER_PORT and the like for its one-process group
+        os.environ.clear()
+        os.environ.update(environment)
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error:" in line]
     assert code == 2, err[-3000:]

@@ -6,12 +6,16 @@ intact, prints one error line and exits non-zero.
 """
 
 import json
+import pickle
 import resource
 import shutil
 import subprocess
 from pathlib import Path
 
+import deepspeed
 import pytest
+import torch
+from conftest import subprocess_env
 from test_train_run import REPO, command, corpus, metrics, run, write_configs  # noqa: F401 (corpus: a fixture)
 
 from amos_ds.train import checkpoint
@@ -81,6 +85,35 @@ def test_an_explicit_corrupted_checkpoint_is_refused(tmp_path):
         checkpoint.find_resume(tmp_path / "new", str(other))
 
 
+class RunsCode:
+    """A pickle payload: unpickling it would create the file `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_checkpoint_files_load_without_running_code(tmp_path, one_rank_process_group):
+    model = torch.nn.Linear(4, 4)
+    config = {"train_batch_size": 1, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+              "zero_optimization": {"stage": 1}}
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    info = {"world_size": 1, "zero_stage": 1}
+    path = checkpoint.save_checkpoint(engine, tmp_path, 1, info, {"position": 7}, keep_last=2)
+    point = checkpoint.find_resume(tmp_path, "auto")
+    assert checkpoint.load_checkpoint(engine, point, universal=False)["sampler"] == {"position": 7}
+    assert isinstance(engine.checkpoint_engine, checkpoint.WeightsOnlyCheckpointEngine)
+
+    marker = tmp_path / "code_ran"
+    model_file = path / "mp_rank_00_model_states.pt"
+    torch.save({**torch.load(model_file, weights_only=True), "payload": RunsCode(marker)}, model_file)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        checkpoint.load_checkpoint(engine, point, universal=False)
+    assert not marker.exists()
+
+
 @pytest.fixture(scope="module")
 def four_steps(tmp_path_factory, corpus):  # noqa: F811
     """One rank, fp32, checkpoints at steps 2 and 4 (hashed), and the flags that made them."""
@@ -113,7 +146,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_exits_non_zero(tmp_path
     before = {p: p.read_bytes() for p in (run_dir / "checkpoints").rglob("*") if p.is_file()}
     limit = 512 * 1024  # above the tokenizer, metrics and TensorBoard files; below the model's weights
     result = subprocess.run(command(1, 0, [*flags, "--run-dir", str(run_dir), "--max-steps", "6"]), cwd=REPO,
-                            capture_output=True, text=True, timeout=240,
+                            capture_output=True, text=True, timeout=240, env=subprocess_env(),
                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 1, result.stderr[-3000:]

@@ -2,18 +2,16 @@
 learning rate untouched), counted, and after TrainConfig.max_nonfinite_steps in a row the run saves and stops."""
 
 import json
-import os
 import subprocess
 
 import deepspeed
 import pytest
 import torch
+from conftest import subprocess_env
 from test_train_run import REPO, command, corpus, metrics, write_configs  # noqa: F401 (corpus: a fixture)
 
 from amos_ds.train.nonfinite import NonFiniteGuard
 from amos_ds.train.train_config import ConfigError
-
-DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # set by one_rank_process_group
 
 
 def make_engine(zero_stage: int, bf16: bool):
@@ -88,7 +86,7 @@ def test_a_diverging_run_skips_counts_saves_and_stops(tmp_path, corpus):  # noqa
     result = subprocess.run(command(1, 0, [*flags, "--fp32", "--run-dir", str(run_dir), "--max-steps", "20",
                                            "--save-every", "1"]),
                             cwd=REPO, capture_output=True, text=True, timeout=240,
-                            env={k: v for k, v in os.environ.items() if k not in DIST_ENV})
+                            env=subprocess_env())
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 3, result.stderr[-3000:]
     records = metrics(run_dir)

@@ -15,8 +15,11 @@ the run with one CheckpointError line.
 
 DeepSpeed saves the model, optimizer, scheduler and step counters; the client state adds what it lacks: the data
 sampler's position, every rank's RNG states (Python, NumPy, torch CPU and CUDA), the configs, the tokenizer hash
-and the code version. Resuming at another world size (or ZeRO stage) converts the checkpoint once with DeepSpeed's
-`ds_to_universal` and loads it with `load_universal`; the sampler then re-splits the remaining samples.
+and the code version. Nothing in them needs pickle's code execution: the engine loads them with
+`torch.load(weights_only=True)` (WeightsOnlyCheckpointEngine), allowing only DeepSpeed's three plain record types.
+Resuming at another world size (or ZeRO stage) converts the checkpoint once with DeepSpeed's `ds_to_universal` and
+loads it with `load_universal`; the sampler then re-splits the remaining samples. (The converter and the universal
+optimizer fragments use DeepSpeed's own torch.load(weights_only=False); the files they start from are hashed.)
 """
 
 import hashlib
@@ -34,8 +37,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 
-import amos_ds
 from amos_ds.train.train_config import ConfigError
 
 CHECKPOINTS = "checkpoints"
@@ -216,8 +222,30 @@ def prepare_universal(point: ResumePoint) -> None:
         raise RuntimeError(box[0])
 
 
+# The non-tensor types DeepSpeed pickles into its checkpoint files (ZeRO 0-3, fp32 and bf16, checked one by one).
+DEEPSPEED_CHECKPOINT_TYPES = [LossScaler, ZeroStageEnum, fragment_address]
+
+
+class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine (same state, same saving) whose load() unpickles with weights_only=True:
+    a checkpoint file that asks for any other global fails to load instead of running code."""
+
+    def __init__(self, engine: TorchCheckpointEngine) -> None:
+        self.__dict__.update(vars(engine))
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals(DEEPSPEED_CHECKPOINT_TYPES):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def load_checkpoint(engine: Any, point: ResumePoint, universal: bool) -> dict[str, Any]:
-    """Load weights, optimizer and schedule into the engine; return the client state."""
+    """Load weights, optimizer and schedule into the engine; return the client state.
+
+    DeepSpeed's own torch checkpoint engine loads with weights_only=False; ours replaces it (other engines, e.g.
+    Nebula or the decoupled one, are left as configured). The universal path's optimizer fragments are read by
+    DeepSpeed's loader directly, with weights_only=False, out of our reach."""
+    if type(engine.checkpoint_engine) is TorchCheckpointEngine:
+        engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine.checkpoint_engine)
     load_dir, tag = (point.path, UNIVERSAL) if universal else (point.path.parent, point.path.name)
     path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
     if path is None:
@@ -226,7 +254,10 @@ def load_checkpoint(engine: Any, point: ResumePoint, universal: bool) -> dict[st
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states, in types that torch.load(weights_only=True) reads (NumPy's key as a list)."""
+    name, key, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, key.tolist(), position, has_gauss, cached_gaussian),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -234,7 +265,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -253,17 +285,6 @@ def restore_rng(client_state: dict[str, Any], seed: int, step: int) -> None:
         set_rng_state(states[dist.get_rank()])
     else:
         seed_rng(hash((seed, step, dist.get_rank())) & 0x7FFFFFFF)
-
-
-def code_version() -> str:
-    """amos-ds's version, plus the git commit (and '-dirty') when running from a checkout."""
-    root = Path(amos_ds.__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=root,
-                                capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        commit = ""
-    return f"{amos_ds.__version__}+{commit}" if commit else amos_ds.__version__
 
 
 def save_checkpoint(engine: Any, run_dir: Path, step: int, info: dict[str, Any], sampler_state: dict[str, Any],

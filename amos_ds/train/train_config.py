@@ -7,6 +7,8 @@ names below. Optimizer, schedule, batch size, precision and ZeRO stage belong to
 
 import argparse
 import json
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -140,4 +142,34 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(f"--config {path}: unknown field(s) {unknown}; known: {known}")
+    hints = typing.get_type_hints(TrainConfig)
+    for name, value in values.items():
+        if not _has_type(value, hints[name]):
+            raise ConfigError(f"--config {path}: {name} must be {_type_name(hints[name])}, got {value!r}")
     return values
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a TrainConfig annotation (values are data: nothing in them is ever evaluated)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in args)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple):  # JSON has lists only
+        item = args[0] if args else Any
+        return isinstance(value, list) and all(_has_type(v, item) for v in value) and \
+            (origin is list or ... in args or len(value) == len(args))
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "") if typing.get_origin(hint) else hint.__name__
