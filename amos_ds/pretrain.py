@@ -17,10 +17,12 @@ import socket
 import sys
 import time
 import traceback
+from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 from amos_ds.data import DataConfig, DataError, PackedDataset, ResumableSampler, build_loader, open_corpora
 from amos_ds.data.builtin import prepare_builtin_corpus
@@ -28,14 +30,15 @@ from amos_ds.data.tokenizer import copy_tokenizer
 from amos_ds.model import AMOSModel
 from amos_ds.train.checkpoint import (
     RUN_TOKENIZER,
+    CheckpointError,
     check_compatible,
-    code_version,
     find_resume,
     load_checkpoint,
     prepare_universal,
     restore_rng,
     save_checkpoint,
     seed_rng,
+    tag_for,
 )
 from amos_ds.train.ds_config import (
     derive_ds_config,
@@ -47,9 +50,11 @@ from amos_ds.train.ds_config import (
 )
 from amos_ds.train.flops import device_peak_tflops, step_flops
 from amos_ds.train.metrics import MetricsLog, average_over_ranks, memory_gib
+from amos_ds.train.nonfinite import NonFiniteGuard, NonFiniteLoss
 from amos_ds.train.param_groups import parameter_groups
 from amos_ds.train.signals import StopSignal
 from amos_ds.train.train_config import ConfigError, TrainConfig, build_parser, load_train_config
+from amos_ds.train.version import code_version
 
 
 def free_port() -> int:
@@ -59,10 +64,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def setup_distributed() -> tuple[int, int]:
+def setup_distributed(collective_timeout_s: float = TrainConfig.collective_timeout_s) -> tuple[int, int]:
     """(rank, world size). Launchers set RANK/WORLD_SIZE; plain `python` gets a one-process group on loopback, and
     mpirun's variables are used directly when MASTER_ADDR is given (DeepSpeed's MPI discovery would take the
-    machine's first interface address instead)."""
+    machine's first interface address instead).
+
+    A collective that waits longer than `collective_timeout_s` for a hung or dead rank raises (gloo), or is aborted
+    by the NCCL watchdog (TORCH_NCCL_ASYNC_ERROR_HANDLING, on by default), so the rank exits non-zero and the
+    launcher stops the job instead of leaving it idle until the scheduler's limit."""
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" in os.environ and "MASTER_ADDR" in os.environ:
         os.environ.update(RANK=os.environ["OMPI_COMM_WORLD_RANK"], WORLD_SIZE=os.environ["OMPI_COMM_WORLD_SIZE"],
                           LOCAL_RANK=os.environ["OMPI_COMM_WORLD_LOCAL_RANK"])
@@ -71,7 +80,11 @@ def setup_distributed() -> tuple[int, int]:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("MASTER_PORT", "29500")
-    deepspeed.init_distributed()
+    timeout = timedelta(seconds=collective_timeout_s)
+    # DeepSpeed's own groups (ZeRO's data-parallel group among them) come from dist.new_group() without a timeout,
+    # which takes torch's module-wide default (30 min for gloo, 10 for NCCL), not the world group's.
+    distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -94,25 +107,25 @@ def train(config: TrainConfig) -> int:
     max_steps = config.max_steps or scheduler_total_steps(ds_file)
     if not max_steps:
         raise ConfigError(f"--max-steps: not given, and {ds_path} has no scheduler total_num_steps to default to")
-    rank, world_size = setup_distributed()
+    rank, world_size = setup_distributed(config.collective_timeout_s)
     grad_accum = gradient_accumulation(ds_file, world_size, ds_path)  # fails before any data or model work
     micro_batch, global_batch = ds_file["train_micro_batch_size_per_gpu"], ds_file["train_batch_size"]
 
     # Data and model; the vocabulary size comes from the data's tokenizer.
     dataset = open_data(config)
     model_config = config.model_config(dataset.vocab_size)
+
+    # Where to continue from. Another world size or ZeRO stage goes through a universal checkpoint. Checked before
+    # anything is written, so that a bad --resume leaves the disk as it was.
+    resume = find_resume(run_dir, config.resume)
+    if resume:
+        check_compatible(resume, dataset.tokenizer_hash, model_config.to_dict())
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         copy_tokenizer(dataset.tokenizer_dir, run_dir / RUN_TOKENIZER)
-
-    # Where to continue from. Another world size or ZeRO stage goes through a universal checkpoint.
-    resume = find_resume(run_dir, config.resume)
-    universal = False
-    if resume:
-        check_compatible(resume, dataset.tokenizer_hash, model_config.to_dict())
-        universal = resume.needs_universal(world_size, zero_stage(ds_file))
-        if universal:
-            prepare_universal(resume)
+    universal = resume is not None and resume.needs_universal(world_size, zero_stage(ds_file))
+    if universal:
+        prepare_universal(resume)
     ds_config = derive_ds_config(ds_file, ds_path, world_size=world_size, max_steps=max_steps, fp32=config.fp32,
                                  run_dir=run_dir, load_universal=universal)
 
@@ -141,6 +154,7 @@ def train(config: TrainConfig) -> int:
     flops_per_step = step_flops(model_config, config.seq_len, config.mask_prob, global_batch)
     peak_tflops = device_peak_tflops(engine.device, precision(ds_config))
     stop = StopSignal(engine.device)
+    nonfinite = NonFiniteGuard(engine, ds_config, ds_path, config.max_nonfinite_steps)
     log = MetricsLog(run_dir, engine.monitor, engine.global_steps, enabled=rank == 0)
     if rank == 0:
         print(f"training {config.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) "
@@ -160,7 +174,7 @@ def train(config: TrainConfig) -> int:
                          attention_mask=batch["attention_mask"].to(engine.device),
                          labels=batch["labels"].to(engine.device),
                          seed=gumbel_seed(config.seed, step, micro_step, rank), progress=step / max_steps)
-            engine.backward(out.loss)
+            engine.backward(nonfinite.guard(out.loss, last_micro_batch=micro_step == grad_accum - 1))
             engine.step()
             for name, value in out.metrics.items():
                 sums[name] = sums.get(name, 0.0) + value
@@ -175,7 +189,7 @@ def train(config: TrainConfig) -> int:
         record.update(lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else None,
                       tokens_per_s=global_batch * config.seq_len / seconds, tflops=tflops,
                       mfu=tflops / peak_tflops if peak_tflops else None, data_wait_s=data_wait, step_time_s=seconds,
-                      mem_gib=memory_gib(engine.device), world_size=world_size)
+                      mem_gib=memory_gib(engine.device), world_size=world_size, skipped_steps=engine.skipped_steps)
         if config.log_samples:
             gathered = [None] * world_size
             dist.all_gather_object(gathered, samples)
@@ -185,6 +199,8 @@ def train(config: TrainConfig) -> int:
         if step % config.save_every == 0 or step == max_steps:
             save_checkpoint(engine, run_dir, step, info, sampler.state_dict(), config.keep_last)
             saved = step
+        if nonfinite.after_step():
+            stop_after_nonfinite_losses(engine, run_dir, step, info, sampler.state_dict(), config, saved == step)
     if saved != step:  # stopped by SIGTERM/SIGUSR1
         path = save_checkpoint(engine, run_dir, step, info, sampler.state_dict(), config.keep_last)
         if rank == 0:
@@ -195,6 +211,17 @@ def train(config: TrainConfig) -> int:
 
         plot_run(run_dir)
     return 0
+
+
+def stop_after_nonfinite_losses(engine, run_dir: Path, step: int, info: dict, sampler_state: dict,
+                                 config: TrainConfig, already_saved: bool) -> None:
+    """Save the state (its weights are the last applied step's) and stop the run with NonFiniteLoss."""
+    path = run_dir / "checkpoints" / tag_for(step)
+    if not already_saved:
+        path = save_checkpoint(engine, run_dir, step, info, sampler_state, config.keep_last)
+    raise NonFiniteLoss(f"steps {step - config.max_nonfinite_steps + 1}-{step}: {config.max_nonfinite_steps} "
+                        f"non-finite losses in a row (TrainConfig.max_nonfinite_steps), all skipped; saved the last "
+                        f"good weights in {path}; lower the learning rate or check the data, then --resume auto")
 
 
 def release_shared_memory() -> None:
@@ -212,6 +239,14 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one line per node, not one per rank
             print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    except CheckpointError as err:  # not bad input: the disk failed; the checkpoints before it are intact
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    except NonFiniteLoss as err:
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 3
 
 
 if __name__ == "__main__":

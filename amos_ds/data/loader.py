@@ -8,7 +8,11 @@
         sampler.advance(world_size * micro_batch_size * grad_accum); checkpoint["sampler"] = sampler.state_dict()
 """
 
+import ctypes
+import os
+import signal
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -64,7 +68,30 @@ def build_loader(dataset: PackedDataset, sampler: ResumableSampler, config: Data
         raise ValueError(f"DataConfig.seq_len {config.seq_len} differs from the dataset's {dataset.seq_len}")
     workers = config.num_workers
     return DataLoader(MaskedBatches(dataset, config), sampler=sampler, batch_size=None, num_workers=workers,
-                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                      worker_init_fn=partial(_bind_worker_to_trainer, os.getpid()) if workers > 0 else None)
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _bind_worker_to_trainer(trainer_pid: int, worker_id: int) -> None:
+    """A loader worker dies with its trainer and holds none of the trainer's sockets.
+
+    Workers are forked after the process group exists, so they inherit its sockets, rank 0's MASTER_PORT listener
+    among them; and they notice a dead trainer only after seconds of polling. The trainer leaves through os._exit
+    (or a SIGKILL): without this, an immediate restart on the same port met EADDRINUSE from the orphaned workers.
+    The worker talks to the trainer through pipes, never through an inherited socket.
+    """
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != trainer_pid:  # the trainer died before prctl took effect
+        os._exit(0)
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                os.close(int(fd))
+        except OSError:  # the fd of the listdir itself, closed by now
+            pass
 
 
 __all__ = ["DataConfig", "PackedDataset", "ResumableSampler", "build_loader", "open_corpora"]

@@ -6,7 +6,9 @@
     amos-ds launch --hostfile hostfiles/localhost --no-ssh --launcher openmpi -- --preset small  # mpirun + mpi4py
 
 Everything after `--` goes to amos_ds/pretrain.py unchanged, and is checked first (config files, batch split for
-this GPU count), so a mistake costs seconds on the login node rather than a queue wait on 64 GPUs.
+this GPU count), so a mistake costs seconds on the login node rather than a queue wait on 64 GPUs. Before a
+multi-node start, every host must answer over ssh and report this machine's code version (`python -m
+amos_ds.train.version` in this directory, with this PYTHONPATH); that replaces DeepSpeed's own ssh check.
 
 The memory estimate per GPU (mixed-precision Adam, as in the ZeRO paper, Rajbhandari et al. 2020): weights w, grads
 g and optimizer states o bytes per parameter (bf16: 2, 2, 12 = fp32 master + Adam m, v; fp32: 4, 4, 8), of which
@@ -20,11 +22,14 @@ import argparse
 import os
 import re
 import shlex
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from amos_ds.train.hostfile import Host, parse_hostfile
 from amos_ds.train.train_config import ConfigError, TrainConfig, build_parser, load_train_config
+from amos_ds.train.version import code_version
 
 PRETRAIN = Path(__file__).resolve().parents[1] / "pretrain.py"
 # Environment variables that shape NCCL and the network; copied from the launching shell into .deepspeed_env so that
@@ -37,6 +42,7 @@ ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 BYTES_PER_PARAMETER = {"bf16": (2, 2, 12), "fp16": (2, 2, 12), "fp32": (4, 4, 8)}  # weights, gradients, optimizer
 GPU_MEMORY_GIB = {"A100-40GB": 40, "A100-80GB": 80}
 THROUGHPUT_WINDOW = 20  # recent metrics records averaged for the measured throughput
+SSH_TIMEOUT_S = 30
 
 
 @dataclass
@@ -184,6 +190,42 @@ def master_addr(args: argparse.Namespace) -> str | None:
     return args.master_addr or ("127.0.0.1" if args.no_ssh else None)
 
 
+def uses_ssh(args: argparse.Namespace, hosts: list[Host]) -> bool:
+    """DeepSpeed's pdsh launcher reaches the nodes over ssh when there is more than one."""
+    return args.launcher == "pdsh" and not args.no_ssh and len(hosts) > 1
+
+
+def ssh_options(args: argparse.Namespace) -> list[str]:
+    return ["-F", str(args.ssh_config.resolve())] if args.ssh_config else []
+
+
+def check_hosts(hosts: list[Host], args: argparse.Namespace) -> None:
+    """Every host answers over ssh (no password) and runs the code version of this machine, or a ConfigError.
+
+    The hostnames passed parse_hostfile's check (no shell syntax) and go to ssh as one argument each; the remote
+    command quotes every path it holds."""
+    local = code_version()
+    pythonpath = os.environ.get("PYTHONPATH")
+    remote = (f"cd {shlex.quote(os.getcwd())} && " + (f"PYTHONPATH={shlex.quote(pythonpath)} " if pythonpath else "")
+              + f"{shlex.quote(sys.executable)} -m amos_ds.train.version")
+    for host in hosts:
+        command = ["ssh", *ssh_options(args), "-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_TIMEOUT_S}",
+                   host.name, remote]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=2 * SSH_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise ConfigError(f"host {host.name}: no answer over ssh in {2 * SSH_TIMEOUT_S} s; check the node and "
+                              "the network") from None
+        if result.returncode:
+            reason = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
+            raise ConfigError(f"host {host.name}: `ssh {host.name} python -m amos_ds.train.version` failed "
+                              f"({reason}); set up passwordless ssh and the same install on every node "
+                              "(docs/TRAINING.md)")
+        if result.stdout.strip() != local:
+            raise ConfigError(f"host {host.name} runs amos-ds {result.stdout.strip()!r}, this machine {local!r}: "
+                              "deploy the same commit on every node")
+
+
 def deepspeed_command(args: argparse.Namespace, pretrain_args: list[str]) -> list[str]:
     command = ["deepspeed", "--hostfile", args.hostfile]
     if args.launcher == "openmpi":
@@ -199,6 +241,8 @@ def deepspeed_command(args: argparse.Namespace, pretrain_args: list[str]) -> lis
     else:
         if args.no_ssh:
             command += ["--no_ssh", "--node_rank", "0"]
+        else:
+            command += ["--no_ssh_check"]  # check_hosts has done it, through --ssh-config too
         if args.launcher_args:
             command += ["--launcher_args", args.launcher_args]
     if master_addr(args):
@@ -218,6 +262,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--master-addr", help="address of the first node (default: DeepSpeed's choice)")
     parser.add_argument("--master-port", type=int, help="rendezvous port (default: DeepSpeed's 29500)")
     parser.add_argument("--launcher-args", default="", help="extra arguments for pdsh or mpirun, one string")
+    parser.add_argument("--ssh-config", type=Path, metavar="FILE",
+                        help="ssh client config for reaching the nodes (ssh -F; given to pdsh's ssh too)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="also put this in .deepspeed_env (repeatable)")
     parser.add_argument("--throughput-from", type=Path, metavar="RUN_DIR",
@@ -238,9 +284,14 @@ def run_launch(args: argparse.Namespace) -> int:
     print(f"command      {shlex.join(command)}", flush=True)
     if args.dry_run:
         return 0
+    if uses_ssh(args, hosts):
+        check_hosts(hosts, args)
     env_file.parent.mkdir(parents=True, exist_ok=True)
     env_file.write_text("".join(f"{key}={value}\n" for key, value in sorted(env.items())))
     process_env = {**os.environ, **env, "DS_ENV_FILE": str(env_file)}
+    if uses_ssh(args, hosts) and args.ssh_config:
+        process_env["PDSH_SSH_ARGS_APPEND"] = (f"{process_env.get('PDSH_SSH_ARGS_APPEND', '')} "
+                                               f"-F {shlex.quote(str(args.ssh_config.resolve()))}")
     if args.launcher == "openmpi" and os.geteuid() == 0:
         process_env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     os.execvpe(command[0], command, process_env)

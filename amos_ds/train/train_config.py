@@ -7,6 +7,8 @@ names below. Optimizer, schedule, batch size, precision and ZeRO stage belong to
 
 import argparse
 import json
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,10 @@ class TrainConfig:
     log_every: int = 1
     log_samples: bool = False  # record every step's sample indices in metrics.jsonl (for data-order checks)
     plot: bool = True  # draw the PNGs into run_dir/plots at the end
+    # Faults. A step with a NaN/inf loss is skipped; this many in a row save the last good state and stop the run.
+    max_nonfinite_steps: int = 10
+    # A collective that waits longer than this (a rank hung or gone) fails, so the job ends and can resume.
+    collective_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         self.mask_split = tuple(self.mask_split)
@@ -55,7 +61,8 @@ class TrainConfig:
         self.seq_len = self.seq_len or max_positions
         if self.seq_len > max_positions:
             raise ConfigError(f"TrainConfig.seq_len {self.seq_len} exceeds the model's max_positions {max_positions}")
-        for name in ("seq_len", "num_workers", "save_every", "keep_last", "log_every", "builtin_vocab_size"):
+        for name in ("seq_len", "num_workers", "save_every", "keep_last", "log_every", "builtin_vocab_size",
+                     "max_nonfinite_steps", "collective_timeout_s"):
             minimum = 0 if name == "num_workers" else 1
             if getattr(self, name) < minimum:
                 raise ConfigError(f"TrainConfig.{name} must be at least {minimum}, got {getattr(self, name)}")
@@ -66,6 +73,9 @@ class TrainConfig:
 
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
         """The preset with the ablation and overrides applied; a training run passes the data's vocabulary size."""
+        if vocab_size and self.model.get("vocab_size", vocab_size) != vocab_size:
+            raise ConfigError(f"TrainConfig.model.vocab_size {self.model['vocab_size']} differs from the data's "
+                              f"tokenizer ({vocab_size} pieces); remove it: the tokenizer sets the vocabulary size")
         try:
             config = get_preset(self.preset)
             if self.ablation:
@@ -132,4 +142,34 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(f"--config {path}: unknown field(s) {unknown}; known: {known}")
+    hints = typing.get_type_hints(TrainConfig)
+    for name, value in values.items():
+        if not _has_type(value, hints[name]):
+            raise ConfigError(f"--config {path}: {name} must be {_type_name(hints[name])}, got {value!r}")
     return values
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a TrainConfig annotation (values are data: nothing in them is ever evaluated)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in args)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple):  # JSON has lists only
+        item = args[0] if args else Any
+        return isinstance(value, list) and all(_has_type(v, item) for v in value) and \
+            (origin is list or ... in args or len(value) == len(args))
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "") if typing.get_origin(hint) else hint.__name__

@@ -1,0 +1,160 @@
+"""Checkpoint faults: a file corrupted or truncated after the save, and a save that fails half-way (write error).
+
+The hashes are recorded in amos_meta.json at save time and checked at load; `--resume auto` falls back to the
+previous complete checkpoint with a warning naming the bad file. A failed save leaves the previous checkpoint
+intact, prints one error line and exits non-zero.
+"""
+
+import json
+import pickle
+import resource
+import shutil
+import subprocess
+from pathlib import Path
+
+import deepspeed
+import pytest
+import torch
+from conftest import subprocess_env
+from test_train_run import REPO, command, corpus, metrics, run, write_configs  # noqa: F401 (corpus: a fixture)
+
+from amos_ds.train import checkpoint
+from amos_ds.train.train_config import ConfigError
+
+BLOB = b"0123456789" * 100
+
+
+def hashed_checkpoint(run_dir: Path, step: int) -> Path:
+    """A complete checkpoint with two files and their recorded sizes and hashes, as save_checkpoint writes them."""
+    path = run_dir / "checkpoints" / checkpoint.tag_for(step)
+    path.mkdir(parents=True)
+    files = {}
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        (path / name).write_bytes(BLOB + name.encode())
+        files[name] = {"bytes": (path / name).stat().st_size, "sha256": checkpoint._sha256(path / name)}
+    meta = {"step": step, "world_size": 1, "zero_stage": 1, "tokenizer_hash": "abc", "model": {},
+            checkpoint.FILES: files}
+    (path / checkpoint.META).write_text(json.dumps(meta))
+    return path
+
+
+def flip_one_byte(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+def test_intact_checkpoints_verify(tmp_path):
+    assert checkpoint.verify_checkpoint(hashed_checkpoint(tmp_path, 100)) is None
+    assert checkpoint.find_resume(tmp_path, "auto").step == 100
+
+
+def test_a_corrupted_file_falls_back_with_a_warning_naming_it(tmp_path, capsys):
+    hashed_checkpoint(tmp_path, 100)
+    newest = hashed_checkpoint(tmp_path, 200)
+    bad = newest / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    flip_one_byte(bad)
+    assert checkpoint.find_resume(tmp_path, "auto").step == 100
+    assert capsys.readouterr().err == (f"warning: --resume auto: {bad} does not match the SHA-256 recorded when it "
+                                       "was saved (corrupted); falling back to the previous complete checkpoint\n")
+
+
+def test_a_truncated_or_missing_file_is_named(tmp_path):
+    path = hashed_checkpoint(tmp_path, 100)
+    model = path / "mp_rank_00_model_states.pt"
+    with open(model, "r+b") as f:
+        f.truncate(10)
+    size = len(BLOB) + len(model.name)
+    assert checkpoint.verify_checkpoint(path) == f"{model} has 10 bytes, {size} were saved (truncated or overwritten)"
+    model.unlink()
+    assert checkpoint.verify_checkpoint(path) == f"{model} is missing"
+
+
+def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    for step in (100, 200):
+        flip_one_byte(hashed_checkpoint(tmp_path, step) / "mp_rank_00_model_states.pt")
+    with pytest.raises(ConfigError, match="none of the 2 complete checkpoints .* matches its recorded hashes"):
+        checkpoint.find_resume(tmp_path, "auto")
+
+
+def test_an_explicit_corrupted_checkpoint_is_refused(tmp_path):
+    other = hashed_checkpoint(tmp_path / "other", 100)
+    flip_one_byte(other / "mp_rank_00_model_states.pt")
+    with pytest.raises(ConfigError, match=f"--resume {other}: {other / 'mp_rank_00_model_states.pt'} does not "
+                                          "match the SHA-256"):
+        checkpoint.find_resume(tmp_path / "new", str(other))
+
+
+class RunsCode:
+    """A pickle payload: unpickling it would create the file `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_checkpoint_files_load_without_running_code(tmp_path, one_rank_process_group):
+    model = torch.nn.Linear(4, 4)
+    config = {"train_batch_size": 1, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+              "zero_optimization": {"stage": 1}}
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    info = {"world_size": 1, "zero_stage": 1}
+    path = checkpoint.save_checkpoint(engine, tmp_path, 1, info, {"position": 7}, keep_last=2)
+    point = checkpoint.find_resume(tmp_path, "auto")
+    assert checkpoint.load_checkpoint(engine, point, universal=False)["sampler"] == {"position": 7}
+    assert isinstance(engine.checkpoint_engine, checkpoint.WeightsOnlyCheckpointEngine)
+
+    marker = tmp_path / "code_ran"
+    model_file = path / "mp_rank_00_model_states.pt"
+    torch.save({**torch.load(model_file, weights_only=True), "payload": RunsCode(marker)}, model_file)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        checkpoint.load_checkpoint(engine, point, universal=False)
+    assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory, corpus):  # noqa: F811
+    """One rank, fp32, checkpoints at steps 2 and 4 (hashed), and the flags that made them."""
+    directory = tmp_path_factory.mktemp("four_steps")
+    flags = [*write_configs(directory, corpus, zero_stage=1), "--fp32", "--save-every", "2"]
+    run(1, [*flags, "--run-dir", str(directory / "run"), "--max-steps", "4"])
+    return directory / "run", flags
+
+
+def test_training_corrupted_checkpoint_resumes_from_the_previous_one_bit_exactly(tmp_path, four_steps):
+    source, flags = four_steps
+    run_dir = tmp_path / "run"
+    shutil.copytree(source, run_dir)
+    meta = json.loads((run_dir / "checkpoints/step_00000004/amos_meta.json").read_text())
+    assert sorted(meta["files"]) == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    bad = run_dir / "checkpoints/step_00000004/zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    flip_one_byte(bad)
+    output = run(1, [*flags, "--run-dir", str(run_dir), "--max-steps", "4"])
+    assert f"warning: --resume auto: {bad} does not match the SHA-256" in output
+    assert "resumed from" in output and "step_00000002 at step 2" in output
+    assert [r["loss"] for r in metrics(run_dir)] == [r["loss"] for r in metrics(source)]  # steps 3, 4 again
+    assert checkpoint.verify_checkpoint(run_dir / "checkpoints/step_00000004") is None  # saved anew
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint_and_exits_non_zero(tmp_path, four_steps):
+    """RLIMIT_FSIZE makes the kernel refuse the checkpoint's large files (EFBIG), as a full disk would (ENOSPC)."""
+    source, flags = four_steps
+    run_dir = tmp_path / "run"
+    shutil.copytree(source, run_dir)
+    before = {p: p.read_bytes() for p in (run_dir / "checkpoints").rglob("*") if p.is_file()}
+    limit = 512 * 1024  # above the tokenizer, metrics and TensorBoard files; below the model's weights
+    result = subprocess.run(command(1, 0, [*flags, "--run-dir", str(run_dir), "--max-steps", "6"]), cwd=REPO,
+                            capture_output=True, text=True, timeout=240, env=subprocess_env(),
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith(f"error: saving checkpoint {run_dir}/checkpoints/step_00000006 "
+                                                     f"failed: {run_dir}/checkpoints/step_00000006"), errors
+    assert errors[0].endswith("; the previous complete checkpoint "
+                              f"({run_dir}/checkpoints/step_00000004) is intact: free space or fix the disk, then "
+                              "resume with --resume auto"), errors
+    assert {p: p.read_bytes() for p in before} == before
+    assert (run_dir / "checkpoints/latest").read_text() == "step_00000004"
+    assert checkpoint.find_resume(run_dir, "auto").step == 4
