@@ -49,6 +49,7 @@ from amos_ds.train.flops import device_peak_tflops, step_flops
 from amos_ds.train.metrics import MetricsLog, average_over_ranks, memory_gib
 from amos_ds.train.param_groups import parameter_groups
 from amos_ds.train.signals import StopSignal
+from amos_ds.train.summary import print_summary
 from amos_ds.train.train_config import ConfigError, TrainConfig, build_parser, load_train_config
 
 
@@ -194,6 +195,8 @@ def train(config: TrainConfig) -> int:
         from amos_ds.train.plot import plot_run
 
         plot_run(run_dir)
+    if rank == 0:
+        print_summary(run_dir, dataset)
     return 0
 
 

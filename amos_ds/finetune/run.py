@@ -36,6 +36,7 @@ class FinetuneConfig:
     max_len: int = 128
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
     metric: str | None = None  # what picks the best epoch; None: accuracy, or spearman for regression
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -86,11 +87,11 @@ def scores(predicted: list, gold: list, task: Task) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate(model: SentenceClassifier, encoded: list[tuple[list[int], int | float]], task: Task,
-             batch_size: int) -> dict[str, float]:
+             batch_size: int, device: str = "cpu") -> dict[str, float]:
     model.eval()
     predicted = []
     for batch in batches(encoded, batch_size):
-        logits = model(batch["input_ids"], batch["attention_mask"])
+        logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         predicted += (logits.squeeze(-1) if task.regression else logits.argmax(-1)).tolist()
     return scores(predicted, [label for _, label in encoded], task)
 
@@ -109,6 +110,7 @@ def finetune_seed(source: EncoderSource, task: Task, encoded: dict[str, list], c
     metric = config.selection_metric(task)
     torch.manual_seed(seed)
     model = SentenceClassifier(source.build(config.dropout), len(task.labels) or 1, config.dropout)
+    model.to(config.device)
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98),
                                   eps=1e-6)
     steps_per_epoch = -(-len(encoded["train"]) // config.batch_size)
@@ -121,13 +123,15 @@ def finetune_seed(source: EncoderSource, task: Task, encoded: dict[str, list], c
         started, loss_sum = time.perf_counter(), 0.0
         model.train()
         for batch in batches(encoded["train"], config.batch_size, order):
+            batch = {name: tensor.to(config.device) for name, tensor in batch.items()}
             loss = task_loss(model(batch["input_ids"], batch["attention_mask"]), batch["labels"], task.regression)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             loss_sum += loss.item()
-        dev, test = (evaluate(model, encoded[split], task, 2 * config.batch_size) for split in ("dev", "test"))
+        dev, test = (evaluate(model, encoded[split], task, 2 * config.batch_size, config.device)
+                     for split in ("dev", "test"))
         epochs.append({"epoch": epoch, "train_loss": loss_sum / steps_per_epoch, "dev": dev, "test": test})
         log(f"seed {seed} epoch {epoch}/{config.epochs} | train loss {loss_sum / steps_per_epoch:.4f} | "
             f"dev {metric} {dev[metric]:.4f} | {time.perf_counter() - started:.0f} s")
