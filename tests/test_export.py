@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from amos_ds.cli import main as cli_main
 from amos_ds.config import get_preset
@@ -94,6 +95,28 @@ def test_export_gives_amos_ds_hidden_states_and_ids(tokenizers, tmp_path):
     assert torch.allclose(outputs.hidden_states[-1][real], expected[real], atol=1e-5, rtol=0)
     assert outputs.logits.shape == (4, 3) and tagger(**batch).logits.shape == (*batch["input_ids"].shape, 5)
     assert torch.equal(tagger.amos_ds.token_embedding.weight, checkpoint.state["token_embedding"])
+    assert not (out / "generator").exists()
+
+
+def test_generator_export_gives_the_deepest_heads_logits(tokenizers, tmp_path):
+    tokenizer_dir, _ = tokenizers
+    weights, config_file, model = state_dict_checkpoint(tmp_path)
+    with torch.no_grad():
+        model.mlm_head.bias.normal_()
+    torch.save(model.state_dict(), weights)
+    out = tmp_path / "hf"
+    assert cli_main(["export", str(weights), str(out), "--model-config", str(config_file),
+                     "--tokenizer", str(tokenizer_dir), "--generator"]) == 0
+    generator = transformers.AutoModelForMaskedLM.from_pretrained(out / "generator", trust_remote_code=True).eval()
+    batch = transformers.AutoTokenizer.from_pretrained(out / "generator", trust_remote_code=True)(
+        SENTENCES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        features = model.generator_features(batch["input_ids"], batch["attention_mask"])[-1]  # the deepest head's
+        head = model.mlm_head
+        expected = head.norm(F.gelu(head.dense(features))) @ model.token_embedding.t() + head.bias
+        logits = generator(**batch).logits
+    real = batch["attention_mask"].bool()
+    assert torch.allclose(logits[real], expected[real], atol=1e-5, rtol=0)
 
 
 def test_mismatched_tokenizer_and_existing_output_are_refused_in_one_line(tokenizers, tmp_path, capsys):

@@ -10,7 +10,7 @@ def export_command(args: argparse.Namespace) -> int:
     from amos_ds.train.train_config import ConfigError
 
     try:
-        output = export_encoder(args.source, args.output, args.tokenizer, args.model_config)
+        output = export_encoder(args.source, args.output, args.tokenizer, args.model_config, args.generator)
     except (ConfigError, DataError) as err:
         print(f"amos-ds: error: {err}", file=sys.stderr)
         return 2
@@ -29,4 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("output", metavar="OUT", help="new folder for the export")
     parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: the run's own)")
     parser.add_argument("--model-config", metavar="FILE", help="ModelConfig JSON, for a state-dict file")
+    parser.add_argument("--generator", action="store_true",
+                        help="also write the generator (to its deepest head, with the MLM head) to OUT/generator, "
+                             "for AutoModelForMaskedLM")
     parser.set_defaults(func=export_command)

@@ -24,6 +24,7 @@ from amos_ds.train.checkpoint import META, RUN_TOKENIZER, newest_checkpoint
 from amos_ds.train.train_config import ConfigError
 
 KEPT_KEYS = ("token_embedding", "discriminator.")  # AMOSModel state-dict keys the encoder keeps (prefixes)
+GENERATOR_KEYS = ("generators.0.", "mlm_head.")  # and those of the (one, shared) generator with its MLM head
 
 
 class TextEncoder(nn.Module):
@@ -73,8 +74,9 @@ def locate_checkpoint(path: str | os.PathLike, model_config: str | None = None) 
     return Checkpoint(_model_config(meta["model"], tag / META), meta, tag)
 
 
-def load_weights(checkpoint: Checkpoint) -> Checkpoint:
-    """`checkpoint` with the encoder's fp32 weights read: ZeRO 1/2/3 files merged by DeepSpeed's zero_to_fp32."""
+def load_weights(checkpoint: Checkpoint, with_generator: bool = False) -> Checkpoint:
+    """`checkpoint` with the encoder's fp32 weights read (and the generator's, when asked): ZeRO 1/2/3 files merged
+    by DeepSpeed's zero_to_fp32."""
     if checkpoint.meta:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -86,7 +88,8 @@ def load_weights(checkpoint: Checkpoint) -> Checkpoint:
         except Exception as err:  # torch raises many types for a file that is not a state dict
             raise ConfigError(f"--pretrained {checkpoint.path}: not a torch.save'd state dict "
                               f"({type(err).__name__})") from None
-    checkpoint.state = encoder_state(state)
+    kept = KEPT_KEYS + GENERATOR_KEYS if with_generator else KEPT_KEYS
+    checkpoint.state = {name: tensor for name, tensor in state.items() if name.startswith(kept)}
     return checkpoint
 
 

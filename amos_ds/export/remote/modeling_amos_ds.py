@@ -1,5 +1,6 @@
 """An amos-ds discriminator as a Hugging Face model: AutoModel, AutoModelForSequenceClassification and
-AutoModelForTokenClassification with `trust_remote_code=True`.
+AutoModelForTokenClassification with `trust_remote_code=True`; its generator (to the deepest head, with the MLM head)
+as AutoModelForMaskedLM.
 
 The encoder is amos-ds's (`amos_ds/model/encoder.py`): token embedding + learned absolute positions, LayerNorm,
 post-LayerNorm Transformer layers with a T5-style relative bias shared by all layers (rows in the order of the
@@ -13,7 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput, TokenClassifierOutput
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    MaskedLMOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
 
 
 class AmosDsConfig(PretrainedConfig):
@@ -206,3 +212,36 @@ class AmosDsForTokenClassification(AmosDsPreTrainedModel):
         if labels is not None:
             loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
         return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=encoded.hidden_states)
+
+
+class MaskedLMHead(nn.Module):
+    """amos-ds's MLM head: dense, GELU, LayerNorm, then the (shared) token embedding and a bias per vocabulary id."""
+
+    def __init__(self, config: AmosDsConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        return self.norm(F.gelu(self.dense(hidden))) @ embedding.t() + self.bias
+
+
+class AmosDsForMaskedLM(AmosDsPreTrainedModel):
+    """The generator up to its deepest head: ids with [MASK]s -> logits over the vocabulary at every position."""
+
+    def __init__(self, config: AmosDsConfig) -> None:
+        super().__init__(config)
+        self.amos_ds = AmosDsModel(config)
+        self.lm_head = MaskedLMHead(config)
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, **unused) -> MaskedLMOutput:
+        encoded = self.amos_ds(input_ids, attention_mask, output_hidden_states=output_hidden_states)
+        logits = self.lm_head(encoded.last_hidden_state, self.amos_ds.token_embedding.weight)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=encoded.hidden_states)
