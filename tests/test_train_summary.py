@@ -41,3 +41,4 @@ def test_learning_summary_averages_the_last_steps_of_the_deepest_head():
                    "unigram entropy of the training tokens (7.000)")
     assert replaced == ("summary (steps 11-20): discriminator accuracy on replaced tokens 0.388, on original "
                         "tokens 0.900")
+    assert "0.155 above the unigram entropy of the training tokens (6.690)" in learning_summary(records, 6.69)[0]

@@ -38,8 +38,9 @@ def learning_summary(records: list[dict], entropy: float, last_steps: int = LAST
     deepest = max(int(name.removeprefix("mlm_loss_L")) for name in last[-1] if name.startswith("mlm_loss_L"))
     mlm = mean(f"mlm_loss_L{deepest}")
     where = f"steps {last[0]['step']}-{last[-1]['step']}"
+    side = "below" if mlm <= entropy else "above"
     return [f"summary ({where}): deepest generator head (layer {deepest}) MLM loss {mlm:.3f} nats, "
-            f"{entropy - mlm:.3f} below the unigram entropy of the training tokens ({entropy:.3f})",
+            f"{abs(entropy - mlm):.3f} {side} the unigram entropy of the training tokens ({entropy:.3f})",
             f"summary ({where}): discriminator accuracy on replaced tokens {mean('disc_acc_replaced'):.3f}, "
             f"on original tokens {mean('disc_acc_original'):.3f}"]
 
