@@ -2,9 +2,6 @@
 tokenizer gives amos-ds's ids, and a tokenizer that does not match the checkpoint is refused."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,6 @@ from amos_ds.config import get_preset
 from amos_ds.data.tokenizer import Tokenizer, train_tokenizer
 from amos_ds.finetune.pretrained import EncoderSource, read_checkpoint
 from amos_ds.model import AMOSModel
-from amos_ds.pretrain import free_port
 from amos_ds.vocab import CLS_ID, SEP_ID
 
 transformers = pytest.importorskip("transformers")
@@ -142,23 +138,10 @@ def test_mismatched_tokenizer_and_existing_output_are_refused_in_one_line(tokeni
     assert "taken: already exists" in capsys.readouterr().err
 
 
-def test_exports_a_zero3_run_with_its_own_tokenizer_and_refuses_another(tokenizers, tmp_path, capsys):
+def test_exports_a_zero3_run_with_its_own_tokenizer_and_refuses_another(tokenizers, tmp_path, capsys,
+                                                                       pretrain_tiny):
     _, other_dir = tokenizers
-    ds_config = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 4,
-                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
-                 "zero_optimization": {"stage": 3}}
-    train_config = {"builtin_cache": str(tmp_path / "cache"), "builtin_vocab_size": 400, "seq_len": 32,
-                    "num_workers": 0, "plot": False}
-    (tmp_path / "ds.json").write_text(json.dumps(ds_config))
-    (tmp_path / "train.json").write_text(json.dumps(train_config))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "RANK": "0", "LOCAL_RANK": "0",
-           "WORLD_SIZE": "1", "MASTER_PORT": str(free_port())}
-    run_dir = tmp_path / "run"
-    result = subprocess.run([sys.executable, str(REPO / "amos_ds" / "pretrain.py"), "--deepspeed_config",
-                             str(tmp_path / "ds.json"), "--config", str(tmp_path / "train.json"), "--preset", "tiny",
-                             "--max-steps", "1", "--fp32", "--run-dir", str(run_dir)], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    run_dir = pretrain_tiny(steps=1, zero_stage=3, vocab_size=400, batch=4)
 
     assert cli_main(["export", str(run_dir), str(tmp_path / "bad"), "--tokenizer", str(other_dir)]) == 2
     err = capsys.readouterr().err

@@ -3,10 +3,7 @@
 
 import argparse
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +20,6 @@ from amos_ds.finetune.commands import register
 from amos_ds.finetune.pretrained import EncoderSource, find_tokenizer, load_source, read_checkpoint
 from amos_ds.finetune.tasks import Example, encode, load_task, read_tsv, truncate_pair
 from amos_ds.model import AMOSModel
-from amos_ds.pretrain import free_port
 from amos_ds.train.train_config import ConfigError
 from amos_ds.vocab import CLS_ID, SEP_ID
 
@@ -205,24 +201,9 @@ def test_reads_real_movie_reviews(shared_data):
 
 
 @pytest.mark.skipif(not PRETRAIN.exists(), reason="the trainer amos_ds/pretrain.py is not there yet")
-def test_finetunes_from_a_pretrain_checkpoint(synthetic, tmp_path):
+def test_finetunes_from_a_pretrain_checkpoint(synthetic, tmp_path, pretrain_tiny):
     task, _ = synthetic
-    ds_config = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 8,
-                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.98], "eps": 1e-6,
-                                                           "torch_adam": True}},
-                 "zero_optimization": {"stage": 1}}
-    train_config = {"builtin_cache": str(tmp_path / "cache"), "builtin_vocab_size": 1024, "seq_len": 32,
-                    "num_workers": 0, "plot": False}
-    (tmp_path / "ds.json").write_text(json.dumps(ds_config))
-    (tmp_path / "train.json").write_text(json.dumps(train_config))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "RANK": "0", "LOCAL_RANK": "0",
-           "WORLD_SIZE": "1", "MASTER_PORT": str(free_port())}
-    run_dir = tmp_path / "run"
-    result = subprocess.run([sys.executable, str(PRETRAIN), "--deepspeed_config", str(tmp_path / "ds.json"),
-                             "--config", str(tmp_path / "train.json"), "--preset", "tiny", "--max-steps", "2",
-                             "--fp32", "--run-dir", str(run_dir)], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=240)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    run_dir = pretrain_tiny(steps=2, zero_stage=1, vocab_size=1024)
 
     assert (run_dir / "tokenizer" / "tokenizer.model").is_file()
     source = load_source(str(run_dir))  # the newest checkpoint, and the tokenizer the run keeps in RUN_DIR/tokenizer
