@@ -49,7 +49,7 @@ from amos_ds.train.flops import device_peak_tflops, step_flops
 from amos_ds.train.metrics import MetricsLog, average_over_ranks, memory_gib
 from amos_ds.train.param_groups import parameter_groups
 from amos_ds.train.signals import StopSignal
-from amos_ds.train.summary import print_summary
+from amos_ds.train.summary import write_summary
 from amos_ds.train.train_config import ConfigError, TrainConfig, build_parser, load_train_config
 
 
@@ -191,12 +191,12 @@ def train(config: TrainConfig) -> int:
         if rank == 0:
             print(f"stop signal received: saved {path}, exiting", flush=True)
     log.close()
+    if rank == 0:
+        write_summary(run_dir, dataset)
     if rank == 0 and config.plot:
         from amos_ds.train.plot import plot_run
 
         plot_run(run_dir)
-    if rank == 0:
-        print_summary(run_dir, dataset)
     return 0
 
 
