@@ -13,6 +13,7 @@ mixture_weights.png, Figure 3b: disc_accuracy.png) into WORK/plots/ARM/.
 """
 
 import argparse
+import collections
 import dataclasses
 import json
 import os
@@ -96,8 +97,9 @@ def pretrain(args: argparse.Namespace, corpus: Path, run_dir: Path, ablation: st
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1"}  # one process: the trainer sets its rank and a free port
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + args.pretrain_minutes * 60
-    last = ""
-    for line in process.stdout:  # the trainer logs every 50 steps, so the deadline is checked often enough
+    last, tail = "", collections.deque(maxlen=30)
+    for line in process.stdout:
+        tail.append(line)  # the trainer logs every 50 steps, so the deadline is checked often enough
         if line.startswith(("step", "training", "stop signal", "error", "Traceback", "summary")):
             print("  " + line.rstrip()[:160], flush=True)
             last = line.strip()
@@ -105,7 +107,7 @@ def pretrain(args: argparse.Namespace, corpus: Path, run_dir: Path, ablation: st
             process.send_signal(signal.SIGTERM)  # the trainer checkpoints and exits 0
             deadline = float("inf")
     if process.wait():
-        sys.exit(f"pretraining failed with exit code {process.returncode}: {last}")
+        sys.exit(f"pretraining failed with exit code {process.returncode}; its last lines:\n{''.join(tail)}")
     return last
 
 
