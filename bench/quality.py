@@ -76,8 +76,8 @@ def prepare_corpus(data: Path, work: Path, vocab_size: int) -> Path:
     return work / "corpus"
 
 
-def pretrain(args: argparse.Namespace, corpus: Path, run_dir: Path, ablation: str | None) -> str:
-    """Run amos_ds/pretrain.py in one process until --pretrain-steps or the deadline; its last log line."""
+def pretrain(args: argparse.Namespace, corpus: Path, run_dir: Path, ablation: str | None) -> None:
+    """Run amos_ds/pretrain.py in one process until --pretrain-steps or the deadline."""
     lr, steps = args.pretrain_lr, args.pretrain_steps
     ds_config = {"train_batch_size": args.batch_size, "train_micro_batch_size_per_gpu": args.batch_size,
                  "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.98], "eps": 1e-6,
@@ -98,18 +98,16 @@ def pretrain(args: argparse.Namespace, corpus: Path, run_dir: Path, ablation: st
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1"}  # one process: the trainer sets its rank and a free port
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + args.pretrain_minutes * 60
-    last, tail = "", collections.deque(maxlen=30)
-    for line in process.stdout:
-        tail.append(line)  # the trainer logs every 50 steps, so the deadline is checked often enough
+    tail = collections.deque(maxlen=30)  # shown if the trainer fails
+    for line in process.stdout:  # the trainer logs every 50 steps, so the deadline is checked often enough
+        tail.append(line)
         if line.startswith(("step", "training", "stop signal", "error", "Traceback", "summary")):
             print("  " + line.rstrip()[:160], flush=True)
-            last = line.strip()
         if time.monotonic() > deadline and process.poll() is None:
             process.send_signal(signal.SIGTERM)  # the trainer checkpoints and exits 0
             deadline = float("inf")
     if process.wait():
         sys.exit(f"pretraining failed with exit code {process.returncode}; its last lines:\n{''.join(tail)}")
-    return last
 
 
 def spread(values: list[float]) -> str:
@@ -127,6 +125,7 @@ def main() -> None:
     from amos_ds.finetune.pretrained import load_source
     from amos_ds.finetune.run import FinetuneConfig, finetune
     from amos_ds.finetune.tasks import load_task
+    from amos_ds.train.summary import read_summary
 
     torch.set_num_threads(args.threads)
     data = Path(args.data)
@@ -147,10 +146,10 @@ def main() -> None:
               flush=True)
         arm_started = time.perf_counter()
         run_dir = work / ("amos" if ablation is None else single)
-        last = pretrain(args, corpus, run_dir, ablation)
+        pretrain(args, corpus, run_dir, ablation)
         source = load_source(str(run_dir))
         step = json.loads((Path(source.description) / "amos_meta.json").read_text())["step"]
-        pretrained[arm] = (source, step, (time.perf_counter() - arm_started) / 60, last)
+        pretrained[arm] = (source, step, (time.perf_counter() - arm_started) / 60, read_summary(run_dir))
         shutil.copytree(run_dir / "plots", work / "plots" / run_dir.name, dirs_exist_ok=True)
 
     task = load_task(data / "eval" / "mr")
@@ -173,9 +172,11 @@ def main() -> None:
     print(f"pretraining: preset {args.preset} (H {model.hidden_size}, {model.disc_layers}-layer discriminator, "
           f"vocab {model.vocab_size}), {args.batch_size} x {args.seq_len} tokens per step, lr {args.pretrain_lr:g}, "
           f"{'fp32' if args.fp32 else 'bf16'}")
-    for arm, (_, step, minutes, last) in pretrained.items():
+    for arm, (_, step, minutes, summary) in pretrained.items():
         print(f"  {arm}: {step} steps = {step * args.batch_size * args.seq_len / 1e6:.2f}M tokens in {minutes:.1f} "
-              f"min; last log: {last[:110]}")
+              f"min; last {summary['last_step'] - summary['first_step'] + 1} logged step(s): deepest head's MLM "
+              f"loss {summary['mlm_loss']:.3f} (unigram entropy {summary['unigram_entropy']:.3f}), discriminator "
+              f"accuracy on replaced tokens {summary['disc_acc_replaced']:.3f}")
     print(f"fine-tuning: {config.epochs} epochs, lr {config.lr:g}, batch {config.batch_size}, warm-up "
           f"{config.warmup:g}, dropout {config.dropout:g}, max_len {config.max_len}, seeds {config.seeds}\n")
     print("| encoder | test acc (median) | spread (min-max) | dev acc (median) | test acc per seed | vs random init |")
