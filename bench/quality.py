@@ -174,7 +174,7 @@ def main() -> None:
           f"{'fp32' if args.fp32 else 'bf16'}")
     for arm, (_, step, minutes, summary) in pretrained.items():
         print(f"  {arm}: {step} steps = {step * args.batch_size * args.seq_len / 1e6:.2f}M tokens in {minutes:.1f} "
-              f"min; last {summary['last_step'] - summary['first_step'] + 1} logged step(s): deepest head's MLM "
+              f"min; logged steps {summary['first_step']}-{summary['last_step']}: deepest head's MLM "
               f"loss {summary['mlm_loss']:.3f} (unigram entropy {summary['unigram_entropy']:.3f}), discriminator "
               f"accuracy on replaced tokens {summary['disc_acc_replaced']:.3f}")
     print(f"fine-tuning: {config.epochs} epochs, lr {config.lr:g}, batch {config.batch_size}, warm-up "
