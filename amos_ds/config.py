@@ -127,10 +127,10 @@ class ModelConfig:
 
 
 PRESETS: dict[str, ModelConfig] = {
-    # Unit tests: a few milliseconds a step.
+    # Unit tests (a few milliseconds a step) and the README's main job on the CPU (ds_configs/cpu.json).
     "tiny": ModelConfig(vocab_size=1024, hidden_size=64, num_heads=4, ffn_size=128, disc_layers=2, gen_layers=3,
                         head_layers=(1, 2, 3), max_positions=128, rel_buckets=16, rel_max_distance=32),
-    # CPU benchmarks and the README's built-in default.
+    # CPU benchmarks.
     "small": ModelConfig(vocab_size=8192, hidden_size=256, num_heads=4, ffn_size=1024, disc_layers=4, gen_layers=4,
                          head_layers=(2, 3, 4), max_positions=128),
     # The paper's base setting (Table 5): BERT-base discriminator, 8-layer generator with heads at 4/6/8; 64
