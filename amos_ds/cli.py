@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "amos_ds.data.commands",
     "amos_ds.train.commands",
     "amos_ds.finetune.commands",
+    "amos_ds.export.commands",
 )
 
 

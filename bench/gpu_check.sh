@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of the fused vocabulary path, in at most 8 minutes on an H100/H200 machine (PyTorch 2.11, Triton 3.6,
+# GPU check of the fused vocabulary path and of pretraining quality, in at most 9.5 minutes on an H100/H200 machine (PyTorch 2.11, Triton 3.6,
 # Python 3.12, no DeepSpeed, no network). Run from the repository root: bash bench/gpu_check.sh
 #
 # It carries its Python packages in .whl/ (made here, on a machine with a registry):
@@ -12,11 +12,13 @@
 #   3. microbenchmark: python -m amos_kernels.bench (N 16384/4096, V 32768/64000, H 768, K 3, bf16; the goal
 #      shape N 16384, V 32768 first, so that a timeout still leaves it)
 #   4. base-preset training throughput with the torch and the triton vocabulary path (bench/bench_train.py, if present)
+#   5. pretraining quality: bench/quality.py --budget gpu (AMOS, ELECTRA-style, random init on MR; up to 5 minutes).
+#      It reads $AMOS_SHARED_DATA, else ../shared/data, else .data (bring it with `cp -r ../shared/data .data`).
 # and prints one table. Logs go to $OUT (or /tmp/amos_gpu_check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-TOTAL_S=${GPU_CHECK_SECONDS:-480}
+TOTAL_S=${GPU_CHECK_SECONDS:-570}
 LOG_DIR=${OUT:-/tmp/amos_gpu_check}
 SITE=/tmp/site
 START=$SECONDS
@@ -91,6 +93,15 @@ else
   ROWS+=("| train base | skipped: bench/bench_train.py not present | 0 | |")
 fi
 
+DATA=${AMOS_SHARED_DATA:-../shared/data}
+[[ -d $DATA ]] || DATA=.data
+if [[ -d $DATA/eval/mr ]]; then
+  run_step "quality (bench/quality.py --budget gpu)" 300 "$LOG_DIR/quality.log" \
+    python3 bench/quality.py --budget gpu --data "$DATA" --work "$LOG_DIR/quality"
+else
+  ROWS+=("| quality | skipped: no data (set AMOS_SHARED_DATA or bring .data, see the header) | 0 | |")
+fi
+
 {
   echo "## amos-ds GPU check: $(cat "$LOG_DIR/env.log"), $((SECONDS - START)) s"
   echo
@@ -110,6 +121,11 @@ fi
       tail -n 5 "$LOG_DIR/train_$impl.log"
     fi
   done
+  if [[ -f "$LOG_DIR/quality.log" ]]; then
+    echo
+    echo "### bench/quality.py --budget gpu (plots in $LOG_DIR/quality/plots)"
+    sed -n '/^AMOS quality/,$p' "$LOG_DIR/quality.log"
+  fi
   if grep -qE '(failed|error)' "$LOG_DIR/tests.log" 2>/dev/null; then
     echo
     echo "### Kernel test failures"

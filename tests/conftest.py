@@ -1,7 +1,12 @@
-"""Test-wide settings: Triton kernels run in the interpreter where there is no GPU; the shared data folder."""
+"""Test-wide settings: Triton kernels run in the interpreter where there is no GPU; the shared data folder; a short
+real pretraining run."""
 
 import glob
+import json
 import os
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -52,3 +57,31 @@ def one_rank_process_group():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture
+def pretrain_tiny(tmp_path) -> Callable[..., Path]:
+    """Run amos_ds/pretrain.py (one process, `tiny`, fp32, the built-in corpus) and return its run directory."""
+    from amos_ds.pretrain import free_port
+
+    def run(steps: int, zero_stage: int, vocab_size: int, batch: int = 8) -> Path:
+        ds_config = {"train_batch_size": batch, "train_micro_batch_size_per_gpu": batch,
+                     "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.98], "eps": 1e-6,
+                                                               "torch_adam": True}},
+                     "zero_optimization": {"stage": zero_stage}}
+        train_config = {"builtin_cache": str(tmp_path / "cache"), "builtin_vocab_size": vocab_size, "seq_len": 32,
+                        "num_workers": 0, "plot": False}
+        (tmp_path / "ds.json").write_text(json.dumps(ds_config))
+        (tmp_path / "train.json").write_text(json.dumps(train_config))
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "RANK": "0", "LOCAL_RANK": "0",
+               "WORLD_SIZE": "1", "MASTER_PORT": str(free_port())}
+        run_dir = tmp_path / "run"
+        repo = Path(__file__).resolve().parents[1]
+        result = subprocess.run([sys.executable, str(repo / "amos_ds" / "pretrain.py"), "--deepspeed_config",
+                                 str(tmp_path / "ds.json"), "--config", str(tmp_path / "train.json"), "--preset",
+                                 "tiny", "--max-steps", str(steps), "--fp32", "--run-dir", str(run_dir)], cwd=repo,
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        return run_dir
+
+    return run

@@ -3,10 +3,7 @@
 
 import argparse
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,15 +13,15 @@ from torch import nn
 
 from amos_ds.config import get_preset
 from amos_ds.data.errors import DataError
-from amos_ds.data.tokenizer import train_tokenizer
+from amos_ds.data.tokenizer import Tokenizer, train_tokenizer
+from amos_ds.finetune import metrics
 from amos_ds.finetune.classifier import ClassificationHead, SentenceClassifier
 from amos_ds.finetune.commands import register
 from amos_ds.finetune.pretrained import EncoderSource, find_tokenizer, load_source, read_checkpoint
-from amos_ds.finetune.tasks import batches, load_task, read_tsv
+from amos_ds.finetune.tasks import Example, batches, encode, load_task, read_tsv, truncate_pair
 from amos_ds.model import AMOSModel
-from amos_ds.pretrain import free_port
 from amos_ds.train.train_config import ConfigError
-from amos_ds.vocab import PAD_ID
+from amos_ds.vocab import CLS_ID, PAD_ID, SEP_ID
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "amos_ds" / "pretrain.py"
@@ -160,18 +157,22 @@ def test_random_init_tiny_learns_synthetic_task(synthetic, tmp_path):
     assert results["sizes"] == {"train": 480, "dev": 120, "test": 200}
     assert [len(run["epochs"]) for run in results["runs"]] == [3, 3]
     for run in results["runs"]:
-        best = max(run["epochs"], key=lambda e: e["dev_acc"])
-        assert (run["best_epoch"], run["test_acc"]) == (best["epoch"], best["test_acc"])
+        best = max(run["epochs"], key=lambda e: e["dev"]["accuracy"])
+        assert (run["best_epoch"], run["test"]) == (best["epoch"], best["test"])
         assert run["epochs"][-1]["train_loss"] < run["epochs"][0]["train_loss"]
-    assert results["median_dev_acc"] >= 0.95 and results["median_test_acc"] >= 0.95, results
+    assert results["metric"] == "accuracy" and set(results["median"]["test"]) == {"accuracy", "f1", "matthews"}
+    seeds = [run["test"]["accuracy"] for run in results["runs"]]
+    assert results["median"]["test"]["accuracy"] == pytest.approx(sum(seeds) / 2)  # the median of two is their mean
+    assert results["median"]["dev"]["accuracy"] >= 0.95 and results["median"]["test"]["accuracy"] >= 0.95, results
 
 
 @pytest.mark.parametrize("content, message", [
     (None, "train.tsv: file not found"),
     ("", "train.tsv: empty"),
-    ("id\tsentence\n1\tgood\n", "train.tsv:1: header ['id', 'sentence'] lacks a `label`"),
+    ("id\tsentence\n1\tgood\n", "train.tsv:1: header ['id', 'sentence'] lacks the column(s) ['label']"),
+    ("id\tlabel\ttext\n1\t1\tgood\n", "train.tsv:1: header ['id', 'label', 'text'] has neither `sentence` nor"),
     ("id\tlabel\tsentence\n1\t1\tgood\n2\t0\tbad\textra\n", "train.tsv:3: 4 tab-separated fields, the header has 3"),
-    ("id\tlabel\tsentence\n1\t1\t \n", "train.tsv:2: empty label or sentence"),
+    ("id\tlabel\tsentence\n1\t1\t \n", "train.tsv:2: empty label or text"),
     ("id\tlabel\tsentence\n", "train.tsv: a header but no examples"),
 ])
 def test_tsv_errors_are_one_line_naming_file_and_line(tmp_path, content, message):
@@ -228,24 +229,9 @@ def test_reads_real_movie_reviews(shared_data):
 
 
 @pytest.mark.skipif(not PRETRAIN.exists(), reason="the trainer amos_ds/pretrain.py is not there yet")
-def test_finetunes_from_a_pretrain_checkpoint(synthetic, tmp_path):
+def test_finetunes_from_a_pretrain_checkpoint(synthetic, tmp_path, pretrain_tiny):
     task, _ = synthetic
-    ds_config = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 8,
-                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.98], "eps": 1e-6,
-                                                           "torch_adam": True}},
-                 "zero_optimization": {"stage": 1}}
-    train_config = {"builtin_cache": str(tmp_path / "cache"), "builtin_vocab_size": 1024, "seq_len": 32,
-                    "num_workers": 0, "plot": False}
-    (tmp_path / "ds.json").write_text(json.dumps(ds_config))
-    (tmp_path / "train.json").write_text(json.dumps(train_config))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "RANK": "0", "LOCAL_RANK": "0",
-           "WORLD_SIZE": "1", "MASTER_PORT": str(free_port())}
-    run_dir = tmp_path / "run"
-    result = subprocess.run([sys.executable, str(PRETRAIN), "--deepspeed_config", str(tmp_path / "ds.json"),
-                             "--config", str(tmp_path / "train.json"), "--preset", "tiny", "--max-steps", "2",
-                             "--fp32", "--run-dir", str(run_dir)], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=240)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    run_dir = pretrain_tiny(steps=2, zero_stage=1, vocab_size=1024)
 
     assert (run_dir / "tokenizer" / "tokenizer.model").is_file()
     source = load_source(str(run_dir))  # the newest checkpoint, and the tokenizer the run keeps in RUN_DIR/tokenizer
@@ -259,3 +245,78 @@ def test_finetunes_from_a_pretrain_checkpoint(synthetic, tmp_path):
     assert finetune_cli("--pretrained", str(run_dir), "--task-dir", str(task), "--epochs", "1", "--seeds", "1",
                         "--max-len", "32", "--output", str(tmp_path / "out")) == 0
     assert json.loads((tmp_path / "out" / "results.json").read_text())["encoder"] == source.description
+
+
+def cue_pairs(rng: random.Random, size: int) -> list[tuple[str, str, str]]:
+    """(label, sentence1, sentence2): the label is the cue word in sentence2; sentence1 is filler only."""
+    rows = []
+    for label, sentence in synthetic_split(rng, size):
+        rows.append((label, " ".join(rng.choices(FILLERS, k=rng.randint(4, 9))), sentence))
+    return rows
+
+
+def cue_counts(rng: random.Random, size: int) -> list[tuple[str, str]]:
+    """(score, sentence): the score is how many times `splendid` occurs (0 to 4), as a float."""
+    rows = []
+    for _ in range(size):
+        count = rng.randint(0, 4)
+        words = rng.choices(FILLERS, k=rng.randint(4, 8))
+        for _ in range(count):
+            words.insert(rng.randint(0, len(words)), "splendid")
+        rows.append((f"{count:.1f}", " ".join(words)))
+    return rows
+
+
+def test_pair_and_regression_tasks_beat_the_trivial_baseline(synthetic, tmp_path):
+    _, tokenizer = synthetic
+    rng = random.Random(1)
+    pairs, scores = tmp_path / "pairs", tmp_path / "scores"
+    pairs.mkdir()
+    scores.mkdir()
+    for split, size in (("train", 480), ("dev", 100), ("test", 150)):
+        (pairs / f"{split}.tsv").write_text("label\tsentence1\tsentence2\n" + "".join(
+            f"{label}\t{a}\t{b}\n" for label, a, b in cue_pairs(rng, size)))
+        (scores / f"{split}.tsv").write_text("index\tscore\ttext\n" + "".join(
+            f"{i}\t{score}\t{text}\n" for i, (score, text) in enumerate(cue_counts(rng, size))))
+    task = load_task(pairs)
+    assert task.train[0].text_pair is not None and task.labels == ["0", "1"]
+    common = ("--pretrained", "none", "--preset", "tiny", "--tokenizer", str(tokenizer), "--epochs", "3", "--lr",
+              "1e-3", "--batch-size", "16", "--warmup", "0.1", "--seeds", "1", "--max-len", "48")
+    assert finetune_cli(*common, "--task-dir", str(pairs), "--metric", "f1", "--output", str(tmp_path / "p")) == 0
+    result = json.loads((tmp_path / "p" / "results.json").read_text())
+    assert result["metric"] == "f1" and result["baseline"]["test"]["matthews"] == 0.0
+    assert result["median"]["test"]["accuracy"] >= result["baseline"]["test"]["accuracy"] + 0.3, result["median"]
+
+    assert finetune_cli(*common, "--task-dir", str(scores), "--regression", "--label-column", "score",
+                        "--text-columns", "text", "--output", str(tmp_path / "r")) == 0
+    result = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert result["regression"] and result["metric"] == "spearman" and result["baseline"]["test"]["spearman"] == 0.0
+    # The mean-score baseline correlates with nothing; three short epochs get the order of the scores right.
+    assert result["median"]["test"]["spearman"] >= 0.8 and result["median"]["test"]["pearson"] >= 0.8, result
+
+
+def test_pairs_are_cls_a_sep_b_sep_cut_longest_first(synthetic):
+    _, tokenizer_dir = synthetic
+    tokenizer = Tokenizer(tokenizer_dir)
+    a, b = "the film story plot actors scene", "music"
+    ids_a, ids_b = tokenizer.encode(a), tokenizer.encode(b)
+    [(ids, label)] = encode([Example("2.5", a, b)], tokenizer, [], max_len=64)
+    assert ids == [CLS_ID, *ids_a, SEP_ID, *ids_b, SEP_ID] and label == 2.5
+    [(ids, label)] = encode([Example("1", a, b)], tokenizer, ["0", "1"], max_len=len(ids_b) + 5)
+    assert ids == [CLS_ID, *ids_a[:2], SEP_ID, *ids_b, SEP_ID] and label == 1
+    assert truncate_pair([1, 2, 3, 4], [5, 6, 7], 4) == ([1, 2], [5, 6])
+
+
+def test_glue_metrics_match_hand_computed_values():
+    predicted, gold = [1, 0, 1, 1, 0, 1], [1, 0, 0, 1, 1, 1]
+    assert metrics.accuracy(predicted, gold) == 4 / 6
+    assert metrics.f1(predicted, gold) == 0.75  # TP 3, 4 predicted positive, 4 gold positive: 2 * 3 / 8
+    assert metrics.matthews(predicted, gold) == pytest.approx(0.25)  # (TP TN - FP FN) / sqrt(4 4 2 2) = 2 / 8
+    assert metrics.matthews([0, 1, 2, 0, 1, 2], [0, 1, 1, 0, 2, 2]) == pytest.approx(0.5)  # (4*6 - 12) / (36 - 12)
+    assert metrics.matthews([1, 1, 1], [1, 0, 1]) == 0.0  # one predicted class: undefined, reported as 0
+    # x - 2.5 = (-1.5, -.5, .5, 1.5), y - 2.75 = (-1.75, .25, -.75, 2.25): 5.5 / sqrt(5 * 8.75)
+    assert metrics.pearson([1, 2, 3, 4], [1, 3, 2, 5]) == pytest.approx(5.5 / 43.75 ** 0.5)
+    # ranks with ties averaged: (1, 2.5, 2.5, 4, 5) and (2, 1, 4.5, 4.5, 3); their Pearson r is 3.75 / 9.5
+    assert metrics.ranks([1, 2, 2, 3, 5]) == [1, 2.5, 2.5, 4, 5]
+    assert metrics.spearman([1, 2, 2, 3, 5], [2, 1, 4, 4, 3]) == pytest.approx(3.75 / 9.5)
+    assert metrics.pearson([1, 1, 1], [1, 2, 3]) == 0.0

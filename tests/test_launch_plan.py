@@ -47,7 +47,7 @@ def test_dry_run_prints_plan_and_command_without_starting(tmp_path, capsys, monk
                  "--", "--preset", "tiny", "--max-steps", "10", "--run-dir", str(run_dir)])
     out = capsys.readouterr().out
     assert code == 0 and not run_dir.exists()
-    assert "batch        32 sequences = micro-batch 8 x accumulation 2 x 2 GPU(s)" in out
+    assert "batch        32 sequences = micro-batch 16 x accumulation 1 x 2 GPU(s)" in out  # ds_configs/cpu.json
     assert "steps        10 (0 done)" in out
     assert "NCCL_DEBUG=INFO NCCL_SOCKET_IFNAME=eth0 TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in out
     assert (f"command      deepspeed --hostfile hostfiles/localhost --no_ssh --node_rank 0 --master_addr 127.0.0.1 "

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from amos_ds.config import get_preset, with_ablation
-from amos_ds.model import AMOSModel, relative_position_bucket
+from amos_ds.model import AMOSModel, RelativePositionBias, relative_position_bucket
 from amos_ds.model import amos as amos_module
 from amos_ds.vocab import IGNORE_INDEX, MASK_ID, PAD_ID
 
@@ -61,6 +61,26 @@ def test_relative_position_buckets_match_hand_table():
     # 32 buckets, max distance 128 (the default): exact below 8, capped at 15.
     distances = torch.tensor([7, 8, 9, 12, 16, 32, 64, 127, 500])
     assert torch.equal(relative_position_bucket(distances, 32, 128), torch.tensor([7, 8, 9, 10, 10, 12, 14, 15, 15]))
+
+    # 64 buckets, max distance 128 (base, base++ and the authors' checkpoint): exact below 16, capped at 31.
+    distances = torch.tensor([15, 16, 17, 20, 32, 64, 127, 128, 511])
+    assert torch.equal(relative_position_bucket(distances, 64, 128),
+                       torch.tensor([15, 16, 17, 18, 22, 27, 31, 31, 31]))
+
+
+def test_relative_bias_rows_in_the_authors_order():
+    # The authors index their table with bucket - min(bucket) = bucket + 31 for 64 buckets: row 0 holds the farthest
+    # keys to the left, row 31 distance 0, row 62 the farthest to the right; row 63 is never read.
+    bias = RelativePositionBias(64, 128, num_heads=2)
+    with torch.no_grad():
+        bias.table.weight.copy_(torch.arange(64.0)[:, None] * torch.tensor([1.0, -1.0]))
+    rows = bias(300)[0, 0]  # [query, key]
+    for query, key, row in [(0, 0, 31), (0, 1, 32), (1, 0, 30), (0, 16, 47), (20, 0, 13), (0, 127, 62),
+                            (0, 299, 62), (299, 0, 0), (150, 22, 0)]:
+        assert rows[query, key].item() == row, (query, key)
+    assert torch.equal(bias(300)[0, 1], -rows)
+    assert get_preset("base").rel_buckets == get_preset("base_plus_plus").rel_buckets == 64
+    assert get_preset("base").rel_max_distance == get_preset("base_plus_plus").rel_max_distance == 128
 
 
 @pytest.mark.parametrize("vocab_impl", ["torch", "chunked"])

@@ -59,7 +59,8 @@ def test_shipped_configs_follow_the_paper(name):
     optimizer = config["optimizer"]["params"]
     assert (optimizer["betas"], optimizer["eps"], optimizer["weight_decay"]) == ([0.9, 0.98], 1e-6, 0.01)
     assert config["scheduler"]["type"] == "WarmupDecayLR"
-    assert config["gradient_clipping"] == 2.0 and config["bf16"]["enabled"]
+    # bf16 on GPUs; fp32 on CPUs, where bf16 matmuls without native support ran many times slower.
+    assert config["gradient_clipping"] == 2.0 and config["bf16"]["enabled"] == (name != "cpu")
     if name != "cpu":
         paper = {"base": (5e-4, 125_000), "base_plus_plus": (2e-4, 1_950_000)}[name.removesuffix("_zero2")
                                                                                 .removesuffix("_zero3")]

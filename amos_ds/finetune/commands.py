@@ -1,4 +1,5 @@
-"""`amos-ds finetune`: fine-tune a pretrained (or randomly initialised) AMOS encoder on sentence classification."""
+"""`amos-ds finetune`: fine-tune a pretrained (or randomly initialised) AMOS encoder on a GLUE-format task:
+sentences or sentence pairs, classification or regression."""
 
 import argparse
 import sys
@@ -17,11 +18,12 @@ def finetune_command(args: argparse.Namespace) -> int:
     try:
         config = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup=args.warmup,
                                 weight_decay=args.weight_decay, dropout=args.dropout, max_len=args.max_len,
-                                seeds=args.seeds)
-        task = load_task(args.task_dir)
+                                seeds=args.seeds, metric=args.metric)
+        task = load_task(args.task_dir, args.text_columns, args.label_column, args.regression)
         source = load_source(args.pretrained, args.tokenizer, args.model_config, args.preset)
+        kind = "regression" if task.regression else f"labels {task.labels}"
         print(f"fine-tuning {source.description} on {task.name} ({len(task.train)}/{len(task.dev)}/{len(task.test)} "
-              f"train/dev/test, labels {task.labels}), seeds {config.seeds}", flush=True)
+              f"train/dev/test, {kind}), seeds {config.seeds}", flush=True)
         results = finetune(source, task, config, log=lambda line: print(line, flush=True))
         output = Path(args.output)
         output.mkdir(parents=True, exist_ok=True)
@@ -32,19 +34,28 @@ def finetune_command(args: argparse.Namespace) -> int:
     except OSError as err:
         print(f"amos-ds: error: {err}; check the path and permissions", file=sys.stderr)
         return 2
-    print(f"{task.name}: median over {len(config.seeds)} seed(s): dev acc {results['median_dev_acc']:.4f}, "
-          f"test acc {results['median_test_acc']:.4f} (results in {output / 'results.json'})")
+    metric, median = results["metric"], results["median"]
+    print(f"{task.name}: median over {len(config.seeds)} seed(s): dev {metric} {median['dev'][metric]:.4f}, "
+          f"test {metric} {median['test'][metric]:.4f} (trivial baseline: test "
+          f"{results['baseline']['test'][metric]:.4f}; all metrics in {output / 'results.json'})")
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("finetune", help="fine-tune the discriminator on sentence classification",
+    parser = subparsers.add_parser("finetune", help="fine-tune the discriminator on a GLUE-format task",
                                    description=__doc__.splitlines()[0])
     parser.add_argument("--pretrained", required=True, metavar="PATH",
                         help="checkpoint tag folder, run directory, state-dict file (with --model-config), or 'none' "
                              "for random init")
     parser.add_argument("--task-dir", required=True, metavar="DIR", help="folder with train.tsv, dev.tsv, test.tsv "
-                                                                         "(header naming label and sentence)")
+                        "(a header naming label and sentence, or sentence1 and sentence2)")
+    parser.add_argument("--text-columns", nargs="+", metavar="COLUMN",
+                        help="the text column, or two for sentence pairs (default: sentence1 sentence2 if the header "
+                             "has them, else sentence)")
+    parser.add_argument("--label-column", default="label", metavar="COLUMN", help="default: label")
+    parser.add_argument("--regression", action="store_true", help="float labels (STS-B): one output, squared error")
+    parser.add_argument("--metric", help="dev metric picking each seed's best epoch: accuracy (default), f1, "
+                                         "matthews; spearman (default for regression), pearson")
     parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: the checkpoint's own)")
     parser.add_argument("--model-config", metavar="FILE", help="ModelConfig JSON, for a state-dict file or 'none'")
     parser.add_argument("--preset", default="small", help="model preset for --pretrained none (default small)")

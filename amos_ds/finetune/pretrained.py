@@ -24,6 +24,7 @@ from amos_ds.train.checkpoint import META, RUN_TOKENIZER, newest_checkpoint
 from amos_ds.train.train_config import ConfigError
 
 KEPT_KEYS = ("token_embedding", "discriminator.")  # AMOSModel state-dict keys the encoder keeps (prefixes)
+GENERATOR_KEYS = ("generators.0.", "mlm_head.")  # and those of the (one, shared) generator with its MLM head
 
 
 class TextEncoder(nn.Module):
@@ -49,34 +50,52 @@ def encoder_state(amos_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 @dataclass
 class Checkpoint:
-    state: dict[str, torch.Tensor]  # the encoder's entries (see encoder_state)
     config: ModelConfig
     meta: dict  # amos_meta.json; empty for a plain state-dict file
     path: Path
+    state: dict[str, torch.Tensor] | None = None  # the encoder's entries (see encoder_state), once loaded
 
 
-def read_checkpoint(path: str | os.PathLike, model_config: str | None = None) -> Checkpoint:
-    """The encoder's fp32 weights and the model config from a DeepSpeed checkpoint or a state-dict file."""
+def locate_checkpoint(path: str | os.PathLike, model_config: str | None = None) -> Checkpoint:
+    """The model config and metadata of a DeepSpeed checkpoint or a state-dict file, without reading the weights:
+    enough to check a tokenizer before the (slow, for ZeRO-3) merge."""
     path = Path(path)
     if path.is_file():
         if not model_config:
             raise ConfigError(f"--pretrained {path}: a state-dict file needs --model-config FILE (ModelConfig JSON)")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises many types for a file that is not a state dict
-            raise ConfigError(f"--pretrained {path}: not a torch.save'd state dict ({type(err).__name__})") from None
-        return Checkpoint(encoder_state(state), _read_model_config(Path(model_config)), {}, path)
+        return Checkpoint(_read_model_config(Path(model_config)), {}, path)
     if not path.is_dir():
         raise ConfigError(f"--pretrained {path}: no such file or folder; give a checkpoint, a run directory or 'none'")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     tag = newest_checkpoint(path)
     if tag is None:
         raise ConfigError(f"--pretrained {path}: no complete checkpoint there; give a checkpoints/step_* folder with "
                           f"{META}, a run directory, a state-dict file with --model-config, or 'none'")
     meta = json.loads((tag / META).read_text())
-    state = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
-    return Checkpoint(encoder_state(state), _model_config(meta["model"], tag / META), meta, tag)
+    return Checkpoint(_model_config(meta["model"], tag / META), meta, tag)
+
+
+def load_weights(checkpoint: Checkpoint, with_generator: bool = False) -> Checkpoint:
+    """`checkpoint` with the encoder's fp32 weights read (and the generator's, when asked): ZeRO 1/2/3 files merged
+    by DeepSpeed's zero_to_fp32."""
+    if checkpoint.meta:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        tag = checkpoint.path
+        state = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+    else:
+        try:
+            state = torch.load(checkpoint.path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for a file that is not a state dict
+            raise ConfigError(f"--pretrained {checkpoint.path}: not a torch.save'd state dict "
+                              f"({type(err).__name__})") from None
+    kept = KEPT_KEYS + GENERATOR_KEYS if with_generator else KEPT_KEYS
+    checkpoint.state = {name: tensor for name, tensor in state.items() if name.startswith(kept)}
+    return checkpoint
+
+
+def read_checkpoint(path: str | os.PathLike, model_config: str | None = None) -> Checkpoint:
+    """The encoder's fp32 weights and the model config from a DeepSpeed checkpoint or a state-dict file."""
+    return load_weights(locate_checkpoint(path, model_config))
 
 
 def _read_model_config(path: Path) -> ModelConfig:
@@ -157,6 +176,7 @@ def load_source(pretrained: str, tokenizer: str | None = None, model_config: str
                 raise ConfigError(f"--preset: {err}") from None
         config = base.replace(vocab_size=found.vocab_size)
         return EncoderSource(config, found, None, f"random init ({model_config or preset})")
-    checkpoint = read_checkpoint(pretrained, model_config)
+    checkpoint = locate_checkpoint(pretrained, model_config)
     found = find_tokenizer(checkpoint, tokenizer)
+    load_weights(checkpoint)
     return EncoderSource(checkpoint.config, found, checkpoint.state, str(checkpoint.path))

@@ -3,7 +3,9 @@
 A relative distance r = key - query maps to sign(r) * bucket(|r|): distances below half of the half-range are
 their own bucket ("exact"), larger ones share logarithmically wider buckets up to `max_distance`. One
 `Embedding(num_buckets, num_heads)` table per encoder holds a learned score per bucket and head, added to every
-layer's attention scores.
+layer's attention scores. Its rows are in the authors' order, bucket minus its minimum (`rp_bucket -
+rp_bucket.min()`, row 0 = the farthest keys to the left), so that their released weights map row for row; the last
+row is never used.
 """
 
 import math
@@ -42,5 +44,7 @@ class RelativePositionBias(nn.Module):
         """Bias [1, num_heads, seq_len, seq_len] to add to attention scores (query rows, key columns)."""
         positions = torch.arange(seq_len, device=self.table.weight.device)
         relative = positions[None, :] - positions[:, None]
-        buckets = relative_position_bucket(relative, self.num_buckets, self.max_distance) + self.num_buckets // 2
+        # The authors subtract the minimum over their 512 x 512 positions, which reaches the cap -(half - 1) for
+        # every max_distance up to 512; our presets all reach it too.
+        buckets = relative_position_bucket(relative, self.num_buckets, self.max_distance) + self.num_buckets // 2 - 1
         return self.table(buckets).permute(2, 0, 1).unsqueeze(0)

@@ -9,6 +9,7 @@
 from pathlib import Path
 
 from amos_ds.train.metrics import read_metrics
+from amos_ds.train.summary import read_summary
 from amos_ds.train.train_config import ConfigError
 
 
@@ -46,6 +47,9 @@ def plot_run(run_dir: Path | str) -> list[Path]:
     mlm.plot(*_series(records, "mlm_loss"), label="MLM, sum of heads", color="black")
     for name in _head_layers(records, "mlm_loss_L"):
         mlm.plot(*_series(records, name), label=f"head at layer {name.removeprefix('mlm_loss_L')}")
+    summary = read_summary(run_dir)
+    if summary:  # a generator that ignores the context scores the unigram entropy at best
+        mlm.axhline(summary["unigram_entropy"], color="grey", linestyle=":", label="unigram entropy of the data")
     mlm.set(title="generator MLM loss", xlabel="step", ylabel="cross-entropy")
     mlm.legend()
     rtd.plot(*_series(records, "rtd_loss"), color="tab:red")

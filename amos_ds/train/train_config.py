@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     # The model: a preset, then an ablation from the paper, then single-field overrides of ModelConfig.
-    preset: str = "small"
+    preset: str = "tiny"
     ablation: str | None = None
     model: dict[str, Any] = field(default_factory=dict)
     # The data: corpora written by `amos-ds prepare` as DIR[:WEIGHT]; none means the built-in corpus.

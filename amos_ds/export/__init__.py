@@ -1,0 +1,1 @@
+"""Exporting a pretrained AMOS encoder for Hugging Face `transformers` (`amos-ds export`)."""

@@ -1,0 +1,195 @@
+"""Does AMOS pretraining give a better encoder? AMOS, the ELECTRA-style single-generator ablation and random
+initialisation, fine-tuned on MR with the same seeds, after pretraining on the same data for the same token budget.
+
+    python bench/quality.py --budget cpu [--work DIR]     # this 2-core CPU: at most 45 minutes in all
+    python bench/quality.py --budget gpu [--work DIR]     # one H100/H200 (bench/gpu_check.sh runs it): ~4 minutes
+
+Both pretraining runs use the real trainer (amos_ds/pretrain.py, one process) on a tokenizer and corpus built from
+DATA/pretrain, with the same steps, batch and sequence length; the ELECTRA-style arm is `single_gen_<d>` (one
+generator of the middle head's depth, no mixture, as the paper's single-generator baselines). Every flag below
+overrides the budget's value. Prints one table: MR test accuracy at each seed's best dev epoch, median and spread
+(min-max) over seeds, and each arm against random init; writes results.json and copies each run's plots (Figure 3a:
+mixture_weights.png, Figure 3b: disc_accuracy.png) into WORK/plots/ARM/.
+"""
+
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+BUDGETS = {
+    # CPU: the main job's recipe (tiny, 1,200 steps of 32 x 128 tokens, peak lr 2e-3, fp32; ds_configs/cpu.json) on
+    # the shared text; two pretraining runs of up to 15 minutes and 9 fine-tunings.
+    "cpu": dict(preset="tiny", vocab_size=8192, seq_len=128, batch_size=32, pretrain_lr=2e-3, pretrain_steps=1200,
+                pretrain_minutes=15.0, epochs=3, lr=3e-4, max_len=64, device="cpu", threads=1, fp32=True),
+    # GPU: `small` in bf16, 128 x 128 tokens per step; about 80 s per pretraining run on an H100.
+    "gpu": dict(preset="small", vocab_size=8192, seq_len=128, batch_size=128, pretrain_lr=1e-3, pretrain_steps=2000,
+                pretrain_minutes=1.5, epochs=3, lr=1e-4, max_len=64, device="cuda", threads=8, fp32=False),
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
+    parser.add_argument("--data", default=os.environ.get("AMOS_SHARED_DATA", str(REPO.parent / "shared" / "data")),
+                        help="folder with pretrain/ (raw text) and eval/mr/")
+    parser.add_argument("--work", help="folder for the tokenizer, corpus, runs and results (default: a temporary one)")
+    parser.add_argument("--preset")
+    parser.add_argument("--vocab-size", type=int)
+    parser.add_argument("--seq-len", type=int)
+    parser.add_argument("--batch-size", type=int, help="pretraining batch (sequences)")
+    parser.add_argument("--pretrain-lr", type=float)
+    parser.add_argument("--pretrain-steps", type=int)
+    parser.add_argument("--pretrain-minutes", type=float, help="deadline of each pretraining run (a safety net)")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--lr", type=float, help="fine-tuning LR, every arm")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--max-len", type=int)
+    parser.add_argument("--threads", type=int, help="intra-op threads (CPU: 1, a second waits on a busy core)")
+    args = parser.parse_args()
+    for name, value in BUDGETS[args.budget].items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    return args
+
+
+def prepare_corpus(data: Path, work: Path, vocab_size: int) -> Path:
+    """A tokenizer trained on every file of DATA/pretrain, and those files preprocessed with it."""
+    from amos_ds.data.preprocess import preprocess
+    from amos_ds.data.tokenizer import train_tokenizer
+
+    sources = sorted(str(p) for p in (data / "pretrain").iterdir() if p.is_file())
+    workers = min(8, os.cpu_count() or 1)
+    train_tokenizer(sources, vocab_size, str(work / "tokenizer"), max_sentences=300_000, threads=workers)
+    preprocess(sources, str(work / "tokenizer"), str(work / "corpus"), workers=workers, progress=False)
+    return work / "corpus"
+
+
+def pretrain(args: argparse.Namespace, corpus: Path, run_dir: Path, ablation: str | None) -> None:
+    """Run amos_ds/pretrain.py in one process until --pretrain-steps or the deadline."""
+    lr, steps = args.pretrain_lr, args.pretrain_steps
+    ds_config = {"train_batch_size": args.batch_size, "train_micro_batch_size_per_gpu": args.batch_size,
+                 "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.98], "eps": 1e-6,
+                                                           "weight_decay": 0.01, "torch_adam": True}},
+                 "scheduler": {"type": "WarmupDecayLR", "params": {
+                     "warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_num_steps": max(1, steps // 12),
+                     "warmup_type": "linear", "total_num_steps": steps}},
+                 "gradient_clipping": 2.0, "bf16": {"enabled": not args.fp32}, "zero_optimization": {"stage": 1}}
+    train_config = {"seq_len": args.seq_len, "num_workers": 0, "log_every": 50, "save_every": steps,
+                    "ablation": ablation}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir.parent / f"{run_dir.name}.ds.json").write_text(json.dumps(ds_config))
+    (run_dir.parent / f"{run_dir.name}.train.json").write_text(json.dumps(train_config))
+    command = [sys.executable, str(REPO / "amos_ds" / "pretrain.py"),
+               "--deepspeed_config", str(run_dir.parent / f"{run_dir.name}.ds.json"),
+               "--config", str(run_dir.parent / f"{run_dir.name}.train.json"), "--preset", args.preset,
+               "--data", str(corpus), "--max-steps", str(steps), "--run-dir", str(run_dir)]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1"}  # one process: the trainer sets its rank and a free port
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + args.pretrain_minutes * 60
+    tail = collections.deque(maxlen=30)  # shown if the trainer fails
+    for line in process.stdout:  # the trainer logs every 50 steps, so the deadline is checked often enough
+        tail.append(line)
+        if line.startswith(("step", "training", "stop signal", "error", "Traceback", "summary")):
+            print("  " + line.rstrip()[:160], flush=True)
+        if time.monotonic() > deadline and process.poll() is None:
+            process.send_signal(signal.SIGTERM)  # the trainer checkpoints and exits 0
+            deadline = float("inf")
+    if process.wait():
+        sys.exit(f"pretraining failed with exit code {process.returncode}; its last lines:\n{''.join(tail)}")
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):.4f}-{max(values):.4f}"
+
+
+def main() -> None:
+    args = parse_args()
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the trainer's process; this one sets torch's below
+    import statistics
+
+    import torch
+
+    from amos_ds.config import get_preset
+    from amos_ds.finetune.pretrained import load_source
+    from amos_ds.finetune.run import FinetuneConfig, finetune
+    from amos_ds.finetune.tasks import load_task
+    from amos_ds.train.summary import read_summary
+
+    torch.set_num_threads(args.threads)
+    data = Path(args.data)
+    if not (data / "pretrain").is_dir() or not (data / "eval" / "mr").is_dir():
+        sys.exit(f"--data {data}: needs pretrain/ and eval/mr/ (see ../shared/data/README.md)")
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="amos_quality."))
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    cpu_started = time.process_time()
+
+    corpus = prepare_corpus(data, work, args.vocab_size)
+    print(f"corpus ready in {time.perf_counter() - started:.0f} s", flush=True)
+    heads = get_preset(args.preset).head_layers
+    single = f"single_gen_{heads[len(heads) // 2]}"
+    pretrained = {}
+    for arm, ablation in (("AMOS", None), (f"ELECTRA-style ({single})", single)):
+        print(f"pretraining {arm}: {args.preset}, {args.pretrain_steps} steps x {args.batch_size} x {args.seq_len}",
+              flush=True)
+        arm_started = time.perf_counter()
+        run_dir = work / ("amos" if ablation is None else single)
+        pretrain(args, corpus, run_dir, ablation)
+        source = load_source(str(run_dir))
+        step = json.loads((Path(source.description) / "amos_meta.json").read_text())["step"]
+        pretrained[arm] = (source, step, (time.perf_counter() - arm_started) / 60, read_summary(run_dir))
+        shutil.copytree(run_dir / "plots", work / "plots" / run_dir.name, dirs_exist_ok=True)
+
+    task = load_task(data / "eval" / "mr")
+    config = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=32, warmup=0.1, max_len=args.max_len,
+                            seeds=args.seeds, device=args.device)
+    amos_source = pretrained["AMOS"][0]
+    arms = {arm: source for arm, (source, *_) in pretrained.items()}
+    arms["random init"] = dataclasses.replace(amos_source, state=None, description="random init")
+    results = {}
+    for arm, source in arms.items():
+        print(f"fine-tuning {arm}", flush=True)
+        results[arm] = finetune(source, task, config, log=lambda line: print("  " + line, flush=True))
+    (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+    model = amos_source.config
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} thread(s)"
+    print(f"\nAMOS quality on MR ({len(task.train)}/{len(task.dev)}/{len(task.test)} train/dev/test), {device}, "
+          f"total {(time.perf_counter() - started) / 60:.1f} min wall, {(time.process_time() - cpu_started) / 60:.1f} "
+          f"min CPU in this process (the trainer's is in its own)")
+    print(f"pretraining: preset {args.preset} (H {model.hidden_size}, {model.disc_layers}-layer discriminator, "
+          f"vocab {model.vocab_size}), {args.batch_size} x {args.seq_len} tokens per step, lr {args.pretrain_lr:g}, "
+          f"{'fp32' if args.fp32 else 'bf16'}")
+    for arm, (_, step, minutes, summary) in pretrained.items():
+        print(f"  {arm}: {step} steps = {step * args.batch_size * args.seq_len / 1e6:.2f}M tokens in {minutes:.1f} "
+              f"min; logged steps {summary['first_step']}-{summary['last_step']}: deepest head's MLM "
+              f"loss {summary['mlm_loss']:.3f} (unigram entropy {summary['unigram_entropy']:.3f}), discriminator "
+              f"accuracy on replaced tokens {summary['disc_acc_replaced']:.3f}")
+    print(f"fine-tuning: {config.epochs} epochs, lr {config.lr:g}, batch {config.batch_size}, warm-up "
+          f"{config.warmup:g}, dropout {config.dropout:g}, max_len {config.max_len}, seeds {config.seeds}\n")
+    print("| encoder | test acc (median) | spread (min-max) | dev acc (median) | test acc per seed | vs random init |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    base = results["random init"]["median"]["test"]["accuracy"]
+    for arm, result in results.items():
+        tests = [run["test"]["accuracy"] for run in result["runs"]]
+        median = statistics.median(tests)
+        print(f"| {arm} | {median:.4f} | {spread(tests)} | {result['median']['dev']['accuracy']:.4f} | "
+              f"{' '.join(f'{t:.4f}' for t in tests)} | {100 * (median - base):+.2f} pts |")
+    print(f"\nresults: {work / 'results.json'}; plots (Figure 3a mixture_weights.png, 3b disc_accuracy.png): "
+          f"{work / 'plots'}")
+
+
+if __name__ == "__main__":
+    main()

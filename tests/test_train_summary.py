@@ -1,0 +1,62 @@
+"""The main job's last lines: the unigram entropy of the training tokens, and the averages over the last steps."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from amos_ds.data import open_corpora
+from amos_ds.data.preprocess import preprocess
+from amos_ds.data.tokenizer import train_tokenizer
+from amos_ds.train.plot import plot_run
+from amos_ds.train.summary import learning_summary, read_summary, summary_lines, unigram_entropy, write_summary
+from amos_ds.vocab import NUM_SPECIAL_TOKENS
+
+TEXT = "".join(f"Sentence number {i} says the {'cat' if i % 3 else 'dog'} sat on mat {i % 7}.\n\n" for i in range(300))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("summary")
+    (root / "text.txt").write_text(TEXT)
+    train_tokenizer([str(root / "text.txt")], 400, str(root / "tokenizer"))
+    preprocess([str(root / "text.txt")], str(root / "tokenizer"), str(root / "data"), workers=1, progress=False)
+    return root / "data"
+
+
+def test_unigram_entropy_counts_the_ordinary_tokens_of_every_sample(corpus):
+    dataset = open_corpora([str(corpus)], seq_len=32, seed=0)
+    tokens = dataset.corpora[0].tokens(0, dataset.corpora[0].num_tokens)  # every sample, each token once
+    counts = np.bincount(tokens[tokens >= NUM_SPECIAL_TOKENS])
+    expected = -sum(c / counts.sum() * math.log(c / counts.sum()) for c in counts if c)
+    assert len(dataset) < 4096 and unigram_entropy(dataset) == pytest.approx(expected, rel=1e-12)
+    assert unigram_entropy(dataset, max_samples=3) != pytest.approx(expected, rel=1e-6)  # a sample of 3 differs
+
+
+def test_learning_summary_averages_the_last_steps_of_the_deepest_head():
+    records = [{"step": s, "mlm_loss_L1": 9.0, "mlm_loss_L3": 7.0 - s / 100, "disc_acc_replaced": s / 40,
+                "disc_acc_original": 0.9} for s in range(1, 21)]
+    summary = learning_summary(records, entropy=7.0)
+    # steps 11..20: mean of 7 - s/100 = 6.845, 0.155 below; replaced accuracy mean of s/40 = 15.5/40 = 0.3875
+    assert summary["mlm_loss"] == pytest.approx(6.845) and summary["disc_acc_replaced"] == pytest.approx(0.3875)
+    assert (summary["first_step"], summary["last_step"], summary["deepest_head"]) == (11, 20, 3)
+    mlm, replaced = summary_lines(summary)
+    assert mlm == ("summary (steps 11-20): deepest generator head (layer 3) MLM loss 6.845 nats, 0.155 below the "
+                   "unigram entropy of the training tokens (7.000)")
+    assert replaced == ("summary (steps 11-20): discriminator accuracy on replaced tokens 0.388, on original "
+                        "tokens 0.900")
+    above = summary_lines(learning_summary(records, 6.69))[0]
+    assert "0.155 above the unigram entropy of the training tokens (6.690)" in above
+
+
+def test_write_summary_keeps_the_numbers_for_the_plot(corpus, tmp_path, capsys):
+    records = [{"step": s, "mlm_loss_L3": 5.0, "disc_acc_replaced": 0.5, "disc_acc_original": 0.9, "mlm_loss": 15.0,
+                "rtd_loss": 0.3, "mix_weight_L3": 1.0, "tokens_per_s": 1e3, "mfu": None} for s in range(1, 4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    dataset = open_corpora([str(corpus)], seq_len=32, seed=0)
+    write_summary(tmp_path, dataset)
+    assert capsys.readouterr().out.splitlines() == summary_lines(read_summary(tmp_path))
+    assert read_summary(tmp_path)["unigram_entropy"] == unigram_entropy(dataset)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert plot_run(tmp_path)  # draws with the entropy line
