@@ -47,7 +47,7 @@ ADAMW = {"lr": 5e-4, "betas": (0.9, 0.98), "eps": 1e-6, "weight_decay": 0.01}
 # Profile categories, first match wins: substrings of CUDA kernel names, or of CPU operator names on the CPU.
 CATEGORIES = (
     ("communication", ("nccl", "all_reduce", "allreduce", "reduce_scatter", "all_gather", "gloo")),
-    ("optimizer", ("multi_tensor_apply", "adam", "fused_adamw")),
+    ("optimizer", ("multi_tensor_apply", "adam", "_foreach_")),  # CUDA kernels; torch AdamW's ops on the CPU
     ("vocabulary path", ("_forward_kernel", "_backward_kernel")),  # the fused Triton kernels (amos_kernels)
     ("attention", ("fmha", "attention", "flash", "flex", "cudnn_sdpa")),
     ("matmul", ("gemm", "xmma", "nvjet", "cutlass", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),

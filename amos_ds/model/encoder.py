@@ -5,10 +5,11 @@ discriminator, so encoders take token embeddings as input and add their own abso
 
 Attention (ModelConfig.attention_impl):
 - "sdpa": F.scaled_dot_product_attention with the relative bias (plus the padding term when the batch has padding)
-  as one additive mask, contiguous with keys last. On CUDA that is what the memory-efficient kernel needs to run (it
-  takes an additive mask that requires grad, returns the mask's gradient, and drops attention probabilities); a
-  mask whose last stride is not 1 sends PyTorch to the math path. Without padding the mask is [1, heads, T, T],
-  shared by the batch; with padding, [B, heads, T, T]. On the CPU the same call runs PyTorch's CPU kernels.
+  as one additive mask, contiguous with keys last: the form CUDA's memory-efficient kernel accepts (an additive mask
+  that requires grad, whose gradient it returns, with attention dropout), while a mask whose last stride is not 1
+  sends PyTorch to the math path. Without padding the mask is [1, heads, T, T], shared by the batch; with padding,
+  [B, heads, T, T]. On the CPU, with a mask that requires grad, PyTorch runs the math path.
+  `python bench/bench_attention.py` shows which kernels accept the call on a given machine.
 - "flex": FlexAttention with the bias as a score_mod that reads the bucket table (no [heads, T, T] tensor), compiled
   on CUDA. It cannot drop attention probabilities, so ModelConfig requires attention_dropout 0 with it. PyTorch runs
   its backward only on CUDA; on the CPU it is forward-only (inference, tests).
