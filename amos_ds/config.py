@@ -17,6 +17,9 @@ MIXTURES = (
     "layer_switch",  # ablation "w. layer switch": head k alone from progress switch_points[k-1] on
 )
 VOCAB_IMPLS = ("auto", "torch", "chunked", "triton")
+# How attention adds the relative bias (amos_ds/model/encoder.py): PyTorch's scaled_dot_product_attention with the
+# bias as a contiguous additive mask, or FlexAttention with the bias as a score_mod (no attention dropout).
+ATTENTION_IMPLS = ("sdpa", "flex")
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,8 @@ class ModelConfig:
     separate_generators: bool = False
     # Which implementation of the vocabulary path (amos_ds.ops.mlm_and_sample) the model calls.
     vocab_impl: str = "auto"
+    # Which attention kernel adds the relative bias (ATTENTION_IMPLS); "flex" needs attention_dropout 0.
+    attention_impl: str = "sdpa"
 
     def __post_init__(self) -> None:
         # Lists from JSON become tuples, so configs stay hashable and comparable.
@@ -103,6 +108,11 @@ class ModelConfig:
             fail("adv_mlm_scale", "the adversarial MLM gradient needs mixture='adversarial'")
         if self.vocab_impl not in VOCAB_IMPLS:
             fail("vocab_impl", f"{self.vocab_impl!r} is not one of {VOCAB_IMPLS}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            fail("attention_impl", f"{self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+        if self.attention_impl == "flex" and self.attention_dropout:
+            fail("attention_impl", f"'flex' cannot drop attention probabilities: set attention_dropout 0.0 with it "
+                                   f"(got {self.attention_dropout}), or use 'sdpa'")
 
     @property
     def num_generator_heads(self) -> int:
@@ -172,4 +182,5 @@ def with_ablation(config: ModelConfig, name: str) -> ModelConfig:
     return config.replace(**ABLATIONS[name])
 
 
-__all__ = ["ModelConfig", "PRESETS", "ABLATIONS", "MIXTURES", "get_preset", "single_generator", "with_ablation"]
+__all__ = ["ModelConfig", "PRESETS", "ABLATIONS", "ATTENTION_IMPLS", "MIXTURES", "get_preset", "single_generator",
+           "with_ablation"]

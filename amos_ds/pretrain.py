@@ -23,6 +23,7 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from torch.distributed import distributed_c10d
 
 from amos_ds.data import DataConfig, DataError, PackedDataset, ResumableSampler, build_loader, open_corpora
@@ -102,6 +103,22 @@ def gumbel_seed(run_seed: int, step: int, micro_step: int, rank: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def model_inputs(batch: dict, device: torch.device) -> dict[str, torch.Tensor | None]:
+    """The model's tensor inputs from one loader batch. Copies from pinned memory do not wait (non_blocking), and
+    the batch's host-side facts (masked positions, whether it has padding) spare the model any wait for the device."""
+    def to_device(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device, non_blocking=True)
+
+    return {"input_ids": to_device(batch["input_ids"]), "labels": to_device(batch["labels"]),
+            "attention_mask": to_device(batch["attention_mask"]) if batch["has_padding"] else None,
+            "masked_positions": to_device(batch["masked_positions"])}
+
+
+def should_compile(choice: str, device_type: str, stage: int) -> bool:
+    """TrainConfig.compile: "auto" compiles on CUDA below ZeRO-3 (whose parameter hooks run around every module)."""
+    return choice == "on" or (choice == "auto" and device_type == "cuda" and stage < 3)
+
+
 def train(config: TrainConfig) -> int:
     run_dir = Path(config.run_dir)
     ds_path = config.deepspeed_config_path()
@@ -135,6 +152,9 @@ def train(config: TrainConfig) -> int:
 
     seed_rng(config.seed)  # the same initial weights on every rank
     model = AMOSModel(model_config)
+    compiled = should_compile(config.compile, get_accelerator().device_name(), zero_stage(ds_file))
+    if compiled:
+        model.compile_layers()
     weight_decay = ds_file.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, weight_decay),
                                            config=ds_config)
@@ -144,7 +164,8 @@ def train(config: TrainConfig) -> int:
     if client_state:
         sampler.load_state_dict(client_state["sampler"])
     data_config = DataConfig(seq_len=config.seq_len, mask_prob=config.mask_prob, mask_split=config.mask_split,
-                             seed=config.seed, num_workers=config.num_workers)
+                             seed=config.seed, num_workers=config.num_workers,
+                             pin_memory=engine.device.type == "cuda")
     batches = iter(build_loader(dataset, sampler, data_config))
     if client_state:  # after iter(): starting a DataLoader iterator draws from torch's RNG
         restore_rng(client_state, config.seed, engine.global_steps)
@@ -164,9 +185,11 @@ def train(config: TrainConfig) -> int:
         print(f"training {config.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) "
               f"to step {max_steps} on {world_size} rank(s): batch {global_batch} = micro-batch {micro_batch} x "
               f"accumulation {grad_accum} x {world_size}, seq_len {config.seq_len}, {precision(ds_config)}, "
-              f"ZeRO-{zero_stage(ds_file)}, {len(dataset)} samples", flush=True)
+              f"ZeRO-{zero_stage(ds_file)}, {len(dataset)} samples, "
+              f"{'compiled' if compiled else 'eager'} layers", flush=True)
 
     step = saved = engine.global_steps
+    compile_reported = False
     while step < max_steps and not stop.should_stop():
         started, data_wait, sums, samples = time.perf_counter(), 0.0, {}, []
         lr = engine.get_lr()[0]
@@ -174,13 +197,15 @@ def train(config: TrainConfig) -> int:
             waited = time.perf_counter()
             batch = next(batches)
             data_wait += time.perf_counter() - waited
-            out = engine(input_ids=batch["input_ids"].to(engine.device),
-                         attention_mask=batch["attention_mask"].to(engine.device),
-                         labels=batch["labels"].to(engine.device),
+            out = engine(**model_inputs(batch, engine.device),
                          seed=gumbel_seed(config.seed, step, micro_step, rank), progress=step / max_steps)
             engine.backward(nonfinite.guard(out.loss, last_micro_batch=micro_step == grad_accum - 1))
             engine.step()
-            for name, value in out.metrics.items():
+            if compiled and rank == 0 and not compile_reported:
+                compile_reported = True
+                print(f"torch.compile: the first micro-batch, which builds the compiled layers, took "
+                      f"{time.perf_counter() - waited:.1f} s", flush=True)
+            for name, value in out.metrics.items():  # device tensors, read once per optimizer step
                 sums[name] = sums.get(name, 0.0) + value
             samples += batch["sample_index"].tolist()
         sampler.advance(global_batch)

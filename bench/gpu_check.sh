@@ -1,24 +1,34 @@
 #!/usr/bin/env bash
-# GPU check of the fused vocabulary path and of pretraining quality, in at most 9.5 minutes on an H100/H200 machine (PyTorch 2.11, Triton 3.6,
-# Python 3.12, no DeepSpeed, no network). Run from the repository root: bash bench/gpu_check.sh
+# GPU check, in at most 9 minutes (GPU_CHECK_SECONDS) on an H100/H200 machine (PyTorch 2.11, Triton 3.6, Python 3.12,
+# no DeepSpeed, no network). Run from the repository root:
+#   bash bench/gpu_check.sh                 # every section, sharing one budget (later steps get what is left)
+#   bash bench/gpu_check.sh kernels         # the fused vocabulary path alone
+#   GPU_CHECK_SECONDS=560 bash bench/gpu_check.sh train     # the training step alone (fits one 10-minute device call)
+#   GPU_CHECK_SECONDS=330 bash bench/gpu_check.sh quality   # pretraining quality alone
 #
 # It carries its Python packages in .whl/ (made here, on a machine with a registry):
-#   ../shared/tools/gpu-wheels.sh .whl                                         # DeepSpeed and its dependencies
+#   ../shared/tools/gpu-wheels.sh --peers .whl   # DeepSpeed and its dependencies; transformers (the ELECTRA peer),
+#                                                # Liger-Kernel and Cut Cross-Entropy (kernel benchmark rows)
 #   python3 -m pip download -q --no-deps -d .whl pytest pluggy iniconfig packaging   # if the GPU machine lacks pytest
-#   python3 -m pip download -q --no-deps -d .whl liger-kernel                         # optional: the Liger CE row
-# Steps (each bounded by what is left of the 8 minutes):
+# Section "kernels" (each step bounded by what is left of the time):
 #   1. kernel and noise tests on CUDA (fp32 and bf16): tests/test_kernels_*.py, tests/test_ops.py
 #   2. tile sweep of the fused path: python -m amos_kernels.bench_tiles (N 16384, V 32768)
 #   3. microbenchmark: python -m amos_kernels.bench (N 16384/4096, V 32768/64000, H 768, K 3, bf16; the goal
 #      shape N 16384, V 32768 first, so that a timeout still leaves it)
-#   4. base-preset training throughput with the torch and the triton vocabulary path (bench/bench_train.py, if present)
-#   5. pretraining quality: bench/quality.py --budget gpu (AMOS, ELECTRA-style, random init on MR; up to 5 minutes).
+# Section "train":
+#   4. which attention kernel takes the relative bias with its gradient (bench/bench_attention.py, base shapes)
+#   5. the model-step tests on CUDA (FlexAttention's gradient, compiled layers): tests/test_model_step.py
+#   6. base, bf16, ZeRO-1, 32 x 512, accumulation 8, sdpa and flex attention, against Hugging Face ELECTRA, with the
+#      profile breakdown (bench/bench_train.py); 7. base_plus_plus the same, sdpa, without the peer
+# Section "quality":
+#   8. bench/quality.py --budget gpu (AMOS, ELECTRA-style, random init on MR; up to 5 minutes).
 #      It reads $AMOS_SHARED_DATA, else ../shared/data, else .data (bring it with `cp -r ../shared/data .data`).
 # and prints one table. Logs go to $OUT (or /tmp/amos_gpu_check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-TOTAL_S=${GPU_CHECK_SECONDS:-570}
+SECTIONS=${*:-kernels train quality}
+TOTAL_S=${GPU_CHECK_SECONDS:-540}
 LOG_DIR=${OUT:-/tmp/amos_gpu_check}
 SITE=/tmp/site
 START=$SECONDS
@@ -68,38 +78,49 @@ print(f"torch {torch.__version__}, triton {triton.__version__}, "
 EOF
 cat "$LOG_DIR/env.log"
 
-if python3 -c "import pytest" 2>/dev/null; then
-  # Each test shape is a new kernel specialisation to compile: four workers compile in parallel when xdist is there.
-  PARALLEL=()
-  python3 -c "import xdist" 2>/dev/null && PARALLEL=(-n 4)
-  run_step "kernel tests (CUDA, fp32 + bf16)" 150 "$LOG_DIR/tests.log" \
-    python3 -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" tests/test_kernels_vocab_path.py tests/test_ops.py \
-    tests/test_kernels_bench.py
-else
-  ROWS+=("| kernel tests | skipped: no pytest (carry its wheels, see the header) | 0 | |")
+HAVE_PYTEST=0
+python3 -c "import pytest" 2>/dev/null && HAVE_PYTEST=1
+
+if [[ " $SECTIONS " == *" kernels "* ]]; then
+  if ((HAVE_PYTEST)); then
+    # Each test shape is a new kernel specialisation to compile: four workers compile in parallel when xdist is there.
+    PARALLEL=()
+    python3 -c "import xdist" 2>/dev/null && PARALLEL=(-n 4)
+    run_step "kernel tests (CUDA, fp32 + bf16)" 150 "$LOG_DIR/tests.log" \
+      python3 -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" tests/test_kernels_vocab_path.py tests/test_ops.py \
+      tests/test_kernels_bench.py
+  else
+    ROWS+=("| kernel tests | skipped: no pytest (carry its wheels, see the header) | 0 | |")
+  fi
+  run_step "tile sweep" 90 "$LOG_DIR/tiles.log" python3 -m amos_kernels.bench_tiles
+  run_step "microbenchmark" 220 "$LOG_DIR/bench.log" \
+    python3 -m amos_kernels.bench --rows 16384 4096 --vocab 32768 64000 --warmup 1 --repeats 5
 fi
 
-run_step "tile sweep" 90 "$LOG_DIR/tiles.log" python3 -m amos_kernels.bench_tiles
-
-run_step "microbenchmark" 220 "$LOG_DIR/bench.log" \
-  python3 -m amos_kernels.bench --rows 16384 4096 --vocab 32768 64000 --warmup 1 --repeats 5
-
-if [[ -f bench/bench_train.py ]]; then
-  for impl in torch triton; do
-    run_step "train base --impl $impl" 55 "$LOG_DIR/train_$impl.log" \
-      python3 bench/bench_train.py --preset base --impl "$impl"
-  done
-else
-  ROWS+=("| train base | skipped: bench/bench_train.py not present | 0 | |")
+if [[ " $SECTIONS " == *" train "* ]]; then
+  run_step "attention kernels (base shapes)" 45 "$LOG_DIR/attention.log" python3 bench/bench_attention.py
+  if ((HAVE_PYTEST)); then
+    run_step "model-step tests (CUDA)" 100 "$LOG_DIR/step_tests.log" \
+      python3 -m pytest -q -p no:cacheprovider tests/test_model_step.py
+  else
+    ROWS+=("| model-step tests | skipped: no pytest (carry its wheels, see the header) | 0 | |")
+  fi
+  run_step "train base vs HF ELECTRA" 270 "$LOG_DIR/train_base.log" \
+    python3 bench/bench_train.py --preset base --attention sdpa flex --profile
+  run_step "train base_plus_plus" 120 "$LOG_DIR/train_base_plus_plus.log" \
+    python3 bench/bench_train.py --preset base_plus_plus --attention sdpa --deepspeed-config base_plus_plus.json \
+    --no-peer --profile
 fi
 
-DATA=${AMOS_SHARED_DATA:-../shared/data}
-[[ -d $DATA ]] || DATA=.data
-if [[ -d $DATA/eval/mr ]]; then
-  run_step "quality (bench/quality.py --budget gpu)" 300 "$LOG_DIR/quality.log" \
-    python3 bench/quality.py --budget gpu --data "$DATA" --work "$LOG_DIR/quality"
-else
-  ROWS+=("| quality | skipped: no data (set AMOS_SHARED_DATA or bring .data, see the header) | 0 | |")
+if [[ " $SECTIONS " == *" quality "* ]]; then
+  DATA=${AMOS_SHARED_DATA:-../shared/data}
+  [[ -d $DATA ]] || DATA=.data
+  if [[ -d $DATA/eval/mr ]]; then
+    run_step "quality (bench/quality.py --budget gpu)" 300 "$LOG_DIR/quality.log" \
+      python3 bench/quality.py --budget gpu --data "$DATA" --work "$LOG_DIR/quality"
+  else
+    ROWS+=("| quality | skipped: no data (set AMOS_SHARED_DATA or bring .data, see the header) | 0 | |")
+  fi
 fi
 
 {
@@ -109,26 +130,22 @@ fi
   echo "| --- | --- | ---: | --- |"
   printf '%s\n' "${ROWS[@]}"
   echo
-  echo "### Tile sweep of the fused path"
-  grep -E '^(device:|\|)' "$LOG_DIR/tiles.log"
-  echo
-  echo "### Microbenchmark (fused path vs PyTorch; logs in $LOG_DIR)"
-  grep -E '^(device:|\|)' "$LOG_DIR/bench.log"
-  for impl in torch triton; do
-    if [[ -f "$LOG_DIR/train_$impl.log" ]]; then
+  for log in tiles bench attention train_base train_base_plus_plus; do
+    if [[ -f "$LOG_DIR/$log.log" ]]; then
+      echo "### $log.log"
+      grep -E '^(device:|\||Where)' "$LOG_DIR/$log.log"
       echo
-      echo "### bench_train.py --preset base --impl $impl (last lines)"
-      tail -n 5 "$LOG_DIR/train_$impl.log"
     fi
   done
   if [[ -f "$LOG_DIR/quality.log" ]]; then
-    echo
     echo "### bench/quality.py --budget gpu (plots in $LOG_DIR/quality/plots)"
     sed -n '/^AMOS quality/,$p' "$LOG_DIR/quality.log"
-  fi
-  if grep -qE '(failed|error)' "$LOG_DIR/tests.log" 2>/dev/null; then
     echo
-    echo "### Kernel test failures"
-    grep -E '^(FAILED|ERROR)' "$LOG_DIR/tests.log"
   fi
+  for log in tests step_tests; do
+    if grep -qE '(failed|error)' "$LOG_DIR/$log.log" 2>/dev/null; then
+      echo "### $log.log failures"
+      grep -E '^(FAILED|ERROR)' "$LOG_DIR/$log.log"
+    fi
+  done
 } | tee "$LOG_DIR/summary.md"

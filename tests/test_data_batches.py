@@ -177,8 +177,9 @@ def test_loader_batches_and_worker_independence(corpora):
         it = iter(loader)
         batches[workers] = [next(it) for _ in range(5)]
     for a, b in zip(batches[0], batches[2], strict=True):
-        assert a.keys() == {"input_ids", "attention_mask", "labels", "sample_index"}
-        for key in a:
+        assert a.keys() == {"input_ids", "attention_mask", "labels", "sample_index", "masked_positions", "has_padding"}
+        assert a["has_padding"] == b["has_padding"]
+        for key in a.keys() - {"has_padding"}:
             assert torch.equal(a[key], b[key])
     first = batches[0][0]
     assert first["input_ids"].shape == (8, SEQ) and first["input_ids"].dtype == torch.int64
@@ -193,6 +194,10 @@ def test_loader_batches_and_worker_independence(corpora):
     masked = (first["labels"] != IGNORE_INDEX).sum(dim=1).tolist()
     candidates = [int((ds[int(i)] >= NUM_SPECIAL_TOKENS).sum()) for i in expected_index]
     assert masked == [int(0.15 * c + 0.5) for c in candidates] and min(masked) > 0
+    # The model's static inputs: flat row-major indices of the masked tokens, and whether any token is padding.
+    for batch in batches[0]:
+        assert torch.equal(batch["masked_positions"], (batch["labels"] != IGNORE_INDEX).flatten().nonzero().squeeze(1))
+        assert batch["has_padding"] == bool((batch["attention_mask"] == 0).any())
 
 
 def test_loader_masks_the_padding_of_short_samples(corpora):

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from amos_ds.data.dataset import PackedDataset, open_corpora
 from amos_ds.data.masking import mask_tokens
 from amos_ds.data.sampler import ResumableSampler
-from amos_ds.vocab import PAD_ID
+from amos_ds.vocab import IGNORE_INDEX, PAD_ID
 
 
 @dataclass
@@ -31,6 +31,7 @@ class DataConfig:
     mask_split: tuple[float, float, float] = (1.0, 0.0, 0.0)  # (to [MASK], to a random token, kept)
     seed: int = 1234
     num_workers: int = 2
+    pin_memory: bool = False  # page-locked batches, so that copies to a GPU can run asynchronously (non_blocking)
 
     def __post_init__(self) -> None:
         self.mask_split = tuple(self.mask_split)
@@ -41,7 +42,11 @@ class DataConfig:
 
 
 class MaskedBatches:
-    """Item = one micro-batch: `batch[indices]` reads, packs, pads, masks and collates (in a loader worker)."""
+    """Item = one micro-batch: `batch[indices]` reads, packs, pads, masks and collates (in a loader worker).
+
+    Besides the [B, T] tensors, a batch carries what the model would otherwise have to ask the device for: the flat
+    indices (row * T + position) of its masked tokens in row-major order, and whether any token is padding.
+    """
 
     def __init__(self, dataset: PackedDataset, config: DataConfig):
         self.dataset = dataset
@@ -55,8 +60,11 @@ class MaskedBatches:
         index = np.asarray(indices, dtype=np.int64)
         inputs, labels = mask_tokens(tokens, index, self.config.seed, self.config.mask_prob, self.config.mask_split,
                                      self.dataset.vocab_size)
-        return {"input_ids": torch.from_numpy(inputs), "attention_mask": torch.from_numpy(tokens != PAD_ID).long(),
-                "labels": torch.from_numpy(labels), "sample_index": torch.from_numpy(index)}
+        real = tokens != PAD_ID
+        return {"input_ids": torch.from_numpy(inputs), "attention_mask": torch.from_numpy(real).long(),
+                "labels": torch.from_numpy(labels), "sample_index": torch.from_numpy(index),
+                "masked_positions": torch.from_numpy(np.flatnonzero(labels != IGNORE_INDEX)),
+                "has_padding": not real.all()}
 
 
 def build_loader(dataset: PackedDataset, sampler: ResumableSampler, config: DataConfig) -> DataLoader:
@@ -69,7 +77,8 @@ def build_loader(dataset: PackedDataset, sampler: ResumableSampler, config: Data
     workers = config.num_workers
     return DataLoader(MaskedBatches(dataset, config), sampler=sampler, batch_size=None, num_workers=workers,
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-                      worker_init_fn=partial(_bind_worker_to_trainer, os.getpid()) if workers > 0 else None)
+                      worker_init_fn=partial(_bind_worker_to_trainer, os.getpid()) if workers > 0 else None,
+                      pin_memory=config.pin_memory)
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>

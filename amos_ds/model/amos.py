@@ -90,7 +90,16 @@ class AMOSModel(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
-    def generator_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    def compile_layers(self) -> int:
+        """torch.compile every encoder layer in place (regional compilation: identical layers share one compiled
+        graph, so building it takes seconds, not minutes); parameter names and checkpoints are unchanged. Returns
+        the number of layers compiled."""
+        layers = [layer for encoder in [*self.generators, self.discriminator] for layer in encoder.layers]
+        for layer in layers:
+            layer.compile()
+        return len(layers)
+
+    def generator_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[torch.Tensor]:
         """f(d) [B, T, H] for each head layer d: the generator's raw outputs, before the MLM head."""
         token_embeds = F.embedding(input_ids, self.token_embedding)
         if self.config.separate_generators:
@@ -117,14 +126,24 @@ class AMOSModel(nn.Module):
         one_hot = F.one_hot(chosen, num_heads).bool()
         return torch.zeros(num_rows, num_heads, device=features.device).masked_fill(~one_hot, float("-inf"))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, seed: int,
-                progress: float = 0.0) -> AMOSOutput:
-        """input_ids [B, T] with masked positions already corrupted; labels [B, T] hold the original token at masked
-        positions and IGNORE_INDEX elsewhere; seed keys the Gumbel noise; progress in [0, 1] drives layer switch."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor, seed: int,
+                progress: float = 0.0, masked_positions: torch.Tensor | None = None) -> AMOSOutput:
+        """input_ids [B, T] with masked positions already corrupted; attention_mask [B, T] (1 = token, 0 = padding),
+        or None for a batch without padding; labels [B, T] hold the original token at masked positions and
+        IGNORE_INDEX elsewhere; seed keys the Gumbel noise; progress in [0, 1] drives layer switch.
+
+        masked_positions [N]: the flat indices (row * T + position) of the masked tokens in row-major order, as the
+        loader gives them. With them (and attention_mask None when there is no padding) the forward never waits for
+        the device: every shape is known on the host. None derives them from labels, which costs one host
+        synchronisation (the count N).
+        """
         config = self.config
-        masked = labels != IGNORE_INDEX
-        targets = labels[masked]
-        features = torch.stack([f[masked] for f in self.generator_features(input_ids, attention_mask)])
+        batch, seq_len = input_ids.shape
+        if masked_positions is None:
+            masked_positions = (labels != IGNORE_INDEX).flatten().nonzero().squeeze(1)
+        targets = labels.flatten()[masked_positions]
+        features = torch.stack([f.flatten(0, 1)[masked_positions]
+                                for f in self.generator_features(input_ids, attention_mask)])
         mix_logits = self.mixture_logits(features, seed, progress)
         if targets.numel():
             head_losses, sampled_ids, sampled_embeds = self.mlm_head(features, mix_logits, self.token_embedding,
@@ -134,35 +153,43 @@ class AMOSModel(nn.Module):
             sampled_ids = targets
             sampled_embeds = features.new_zeros(0, config.hidden_size, dtype=self.token_embedding.dtype)
 
-        original_ids = torch.where(masked, labels, input_ids)
+        original_ids = input_ids.flatten().index_copy(0, masked_positions, targets)
         disc_embeds = F.embedding(original_ids, self.token_embedding)
-        disc_embeds = disc_embeds.masked_scatter(masked.unsqueeze(-1), sampled_embeds.to(disc_embeds.dtype))
-        disc_hidden = self.discriminator(disc_embeds, attention_mask)[-1]
+        disc_embeds = disc_embeds.index_copy(0, masked_positions, sampled_embeds.to(disc_embeds.dtype))
+        disc_hidden = self.discriminator(disc_embeds.view(batch, seq_len, -1), attention_mask)[-1]
         rtd_logits = self.rtd_head(disc_hidden).squeeze(-1).float()
 
-        replaced = torch.zeros_like(masked)
-        replaced[masked] = sampled_ids != targets
-        real = attention_mask.bool()
-        rtd_loss = F.binary_cross_entropy_with_logits(rtd_logits[real], replaced[real].float())
+        is_replaced = sampled_ids != targets
+        replaced = torch.zeros(batch * seq_len, dtype=torch.bool, device=input_ids.device)
+        replaced = replaced.index_copy(0, masked_positions, is_replaced).view(batch, seq_len)
+        if attention_mask is None:
+            real = torch.ones_like(replaced)
+            rtd_loss = F.binary_cross_entropy_with_logits(rtd_logits, replaced.float())
+        else:  # mean over real tokens, as weights rather than a boolean selection (which would wait for the device)
+            real = attention_mask.bool()
+            token_losses = F.binary_cross_entropy_with_logits(rtd_logits, replaced.float(), reduction="none")
+            rtd_loss = token_losses.masked_fill(~real, 0.0).sum() / real.sum()
         mlm_loss = head_losses.sum()
         loss = mlm_loss + config.rtd_weight * rtd_loss
-        metrics = self._metrics(loss, mlm_loss, head_losses, rtd_loss, rtd_logits, replaced, real, masked, mix_logits)
+        metrics = self._metrics(loss, mlm_loss, head_losses, rtd_loss, rtd_logits, replaced, real, is_replaced,
+                                mix_logits)
         return AMOSOutput(loss=loss, head_losses=head_losses, rtd_loss=rtd_loss, replaced=replaced, metrics=metrics)
 
     @torch.no_grad()
-    def _metrics(self, loss, mlm_loss, head_losses, rtd_loss, rtd_logits, replaced, real, masked, mix_logits):
-        predicted = rtd_logits > 0
-        on_replaced = real & replaced
-        on_original = real & ~replaced
+    def _metrics(self, loss, mlm_loss, head_losses, rtd_loss, rtd_logits, replaced, real, is_replaced, mix_logits):
+        """Detached float32 scalars on the model's device (read by the trainer once per optimizer step). Counts
+        and sums instead of boolean selections, so that computing them never waits for the device."""
+        correct = (rtd_logits > 0) == replaced
+        zero = rtd_logits.new_tensor(0.0)
 
-        def accuracy(where: torch.Tensor) -> torch.Tensor:
-            return (predicted[where] == replaced[where]).float().mean() if where.any() else rtd_logits.new_tensor(0.0)
+        def accuracy(where: torch.Tensor) -> torch.Tensor:  # 0 where there is nothing to count
+            return (correct & where).sum() / where.sum().clamp(min=1)
 
         metrics = {"loss": loss, "mlm_loss": mlm_loss, "rtd_loss": rtd_loss,
-                   "disc_acc_replaced": accuracy(on_replaced), "disc_acc_original": accuracy(on_original),
-                   "replaced_frac": replaced[masked].float().mean() if masked.any() else rtd_logits.new_tensor(0.0)}
+                   "disc_acc_replaced": accuracy(real & replaced), "disc_acc_original": accuracy(real & ~replaced),
+                   "replaced_frac": is_replaced.float().mean() if is_replaced.numel() else zero}
         gamma = torch.softmax(mix_logits, dim=-1)
         for k, layer in enumerate(self.config.head_layers):
             metrics[f"mlm_loss_L{layer}"] = head_losses[k]
-            metrics[f"mix_weight_L{layer}"] = gamma[:, k].mean() if gamma.shape[0] else rtd_logits.new_tensor(0.0)
+            metrics[f"mix_weight_L{layer}"] = gamma[:, k].mean() if gamma.shape[0] else zero
         return {name: value.detach().float() for name, value in metrics.items()}

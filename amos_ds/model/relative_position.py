@@ -40,11 +40,18 @@ class RelativePositionBias(nn.Module):
         self.max_distance = max_distance
         self.table = nn.Embedding(num_buckets, num_heads)
 
-    def forward(self, seq_len: int) -> torch.Tensor:
-        """Bias [1, num_heads, seq_len, seq_len] to add to attention scores (query rows, key columns)."""
+    def bucket_index(self, seq_len: int) -> torch.Tensor:
+        """[seq_len, seq_len] row of `table` for each (query, key) pair: what FlexAttention's score_mod reads."""
         positions = torch.arange(seq_len, device=self.table.weight.device)
         relative = positions[None, :] - positions[:, None]
-        # The authors subtract the minimum over their 512 x 512 positions, which reaches the cap -(half - 1) for
-        # every max_distance up to 512; our presets all reach it too.
-        buckets = relative_position_bucket(relative, self.num_buckets, self.max_distance) + self.num_buckets // 2 - 1
-        return self.table(buckets).permute(2, 0, 1).unsqueeze(0)
+        # Rows in the authors' order: bucket minus its minimum. The authors subtract the minimum over their 512 x 512
+        # positions, which reaches the cap -(half - 1) for every max_distance up to 512; our presets all reach it too.
+        return relative_position_bucket(relative, self.num_buckets, self.max_distance) + self.num_buckets // 2 - 1
+
+    def forward(self, seq_len: int) -> torch.Tensor:
+        """Bias [1, num_heads, seq_len, seq_len] to add to attention scores (query rows, key columns).
+
+        Indexing the transposed table gives the bias contiguous, key positions last: PyTorch's fused CUDA attention
+        kernels take an additive mask only when its last dimension has stride 1 (others fall back to the math path).
+        """
+        return self.table.weight.t()[:, self.bucket_index(seq_len)].unsqueeze(0)

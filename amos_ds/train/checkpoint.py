@@ -52,7 +52,7 @@ UNIVERSAL = "universal"
 RUN_TOKENIZER = "tokenizer"  # RUN_DIR/tokenizer: a copy of the data's tokenizer, so a run directory stands alone
 _TAG = re.compile(r"step_(\d+)")
 # ModelConfig fields that choose how, not what, the model computes: free to change on resume (e.g. CPU -> GPU).
-IMPLEMENTATION_FIELDS = {"vocab_impl"}
+IMPLEMENTATION_FIELDS = {"vocab_impl", "attention_impl"}
 
 
 class CheckpointError(RuntimeError):

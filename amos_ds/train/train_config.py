@@ -1,8 +1,8 @@
 """The settings of one pretraining run: a plain dataclass, filled from its defaults, then `--config FILE`, then flags.
 
 Only what scripts rely on has a flag (`--deepspeed_config`, `--preset`, `--data`, `--run-dir`, `--max-steps`,
-`--save-every`, `--resume`, `--seed`, `--fp32`); everything else lives in the JSON file, whose keys are the field
-names below. Optimizer, schedule, batch size, precision and ZeRO stage belong to the DeepSpeed config.
+`--save-every`, `--resume`, `--seed`, `--compile`, `--fp32`); everything else lives in the JSON file, whose keys are
+the field names below. Optimizer, schedule, batch size, precision and ZeRO stage belong to the DeepSpeed config.
 """
 
 import argparse
@@ -17,6 +17,9 @@ from amos_ds.config import ModelConfig, get_preset, with_ablation
 
 # Shipped DeepSpeed configs, looked up here when a relative --deepspeed_config is not found from the working directory.
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+
+
+COMPILE_CHOICES = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -37,6 +40,8 @@ class TrainConfig:
     mask_prob: float = 0.15
     mask_split: tuple[float, float, float] = (1.0, 0.0, 0.0)
     num_workers: int = 2
+    # torch.compile of the encoder layers: "auto" compiles on CUDA (ZeRO stages 0-2), "on" everywhere, "off" never.
+    compile: str = "auto"
     # Optimizer, schedule, batch, precision and ZeRO: the DeepSpeed config; --fp32 turns bf16/fp16 off.
     deepspeed_config: str = "ds_configs/cpu.json"
     fp32: bool = False
@@ -70,6 +75,8 @@ class TrainConfig:
             raise ConfigError(f"--max-steps must be at least 1, got {self.max_steps}")
         if not 0.0 < self.mask_prob < 1.0:
             raise ConfigError(f"TrainConfig.mask_prob must be in (0, 1), got {self.mask_prob}")
+        if self.compile not in COMPILE_CHOICES:
+            raise ConfigError(f"--compile must be one of {COMPILE_CHOICES}, got {self.compile!r}")
 
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
         """The preset with the ablation and overrides applied; a training run passes the data's vocabulary size."""
@@ -113,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="checkpoint every N optimizer steps, and at the end (default 1000)")
     parser.add_argument("--resume", help="auto (newest complete checkpoint), none, or a checkpoint path")
     parser.add_argument("--seed", type=int, help="data order, masking, weights, dropout, noise (default 1234)")
+    parser.add_argument("--compile", choices=COMPILE_CHOICES,
+                        help="torch.compile the encoder layers: auto (on CUDA, ZeRO 0-2; the default), on, off")
     parser.add_argument("--fp32", action="store_true", default=None, help="no bf16/fp16 (for exactness tests)")
     # Passed by the deepspeed launcher; the rank is read from the environment.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
