@@ -93,7 +93,9 @@ class AMOSLoop:
             ds_config.pop("bf16", None)
         torch.manual_seed(0)
         model = AMOSModel(config)
-        self.compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+        # As pretrain.should_compile (spelled out: a checkout given by --amos-root may predate it).
+        self.compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda"
+                                                 and args.zero_stage < 3)
         if self.compiled:
             model.compile_layers()
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
@@ -263,7 +265,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, help="default: the preset's max_positions")
     parser.add_argument("--zero-stage", type=int, default=1)
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                        help="torch.compile the encoder layers (auto: on CUDA), as TrainConfig.compile")
+                        help="torch.compile the encoder layers (auto: on CUDA below ZeRO-3), as TrainConfig.compile")
     parser.add_argument("--warmup", type=int, default=1, help="optimizer steps before timing (the first compiles)")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps of each")
     parser.add_argument("--no-peer", dest="peer", action="store_false", help="skip Hugging Face ELECTRA")
@@ -297,6 +299,9 @@ def main() -> None:
                           if peer is not None else "n/a | n/a | n/a")
             print(f"| {preset} | {attention} | {row['compiled']} | {row['batch']} | {row['amos_ms']:.1f} | "
                   f"{row['tokens_per_s']:,.0f} | {row['tflops']:.3f} | {mfu} | {first} | {peer_cells} |", flush=True)
+            if args.profile:  # also now, so that a run cut short by a time limit still shows it
+                print("profile " + ", ".join(f"{label} {ms:.1f} ms" for label, ms in row["profile"].items()),
+                      file=sys.stderr, flush=True)
         del peer
     if args.profile:
         labels = [label for label, _ in CATEGORIES] + ["elementwise and other", "idle"]

@@ -134,6 +134,8 @@ fi
     if [[ -f "$LOG_DIR/$log.log" ]]; then
       echo "### $log.log"
       grep -E '^(device:|\||Where)' "$LOG_DIR/$log.log"
+      # A run cut short by its time limit prints no breakdown table: show the rows' profile lines instead.
+      grep -q '^Where' "$LOG_DIR/$log.log" || grep -E '^profile' "$LOG_DIR/$log.log"
       echo
     fi
   done
