@@ -50,7 +50,7 @@ from amos_ds.train.ds_config import (
     scheduler_total_steps,
     zero_stage,
 )
-from amos_ds.train.flops import cpu_cores_per_rank, device_peak_tflops, step_flops
+from amos_ds.train.flops import device_peak_tflops, step_flops
 from amos_ds.train.metrics import MetricsLog, average_over_ranks, memory_gib
 from amos_ds.train.nonfinite import NonFiniteGuard, NonFiniteLoss
 from amos_ds.train.param_groups import parameter_groups
@@ -127,8 +127,6 @@ def train(config: TrainConfig) -> int:
     if not max_steps:
         raise ConfigError(f"--max-steps: not given, and {ds_path} has no scheduler total_num_steps to default to")
     rank, world_size = setup_distributed(config.collective_timeout_s)
-    if not torch.cuda.is_available():  # a rank's threads beyond its share of the cores would wait on the others'
-        torch.set_num_threads(cpu_cores_per_rank())
     grad_accum = gradient_accumulation(ds_file, world_size, ds_path)  # fails before any data or model work
     micro_batch, global_batch = ds_file["train_micro_batch_size_per_gpu"], ds_file["train_batch_size"]
 
