@@ -4,12 +4,14 @@ that it ends with the weights of an uninterrupted run (fp32, same world size: bi
     python bench/faults.py                         # 20 trials, the four kinds in turn (about 30 min on 2 cores)
     python bench/faults.py --trials 40 --kinds save rank
 
-Kinds of fault, one per trial, at a moment drawn uniformly from the run's training time:
+Kinds of fault, one per trial, at a moment drawn uniformly from the reference run's time between its first
+recorded step and its exit (so also during saves and the final one):
     job      SIGKILL to every process of the job (a node lost, a preemption without notice)
     rank     SIGKILL to one rank; the deepspeed launcher then stops the others
     save     SIGKILL to the job while a checkpoint is being written (the step folder exists, amos_meta.json not yet)
     hang     SIGSTOP to one rank; the collective timeout ends the job (TrainConfig.collective_timeout_s)
-    corrupt  the job is killed, then one byte of the newest checkpoint's largest file is flipped
+    corrupt  the job is killed after its first checkpoint, then one byte of the newest checkpoint's largest file
+             is flipped (the resume must warn and take the one before)
 
 After the fault the same command runs again at once on the same MASTER_PORT (what a preemption script does) with
 `--resume auto`, until the run is complete. Each trial reports the step reached, the checkpoint resumed from, the
@@ -115,9 +117,11 @@ def final_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
 
 def inject(kind: str, job: Job, run_dir: Path, at_s: float, rng: random.Random) -> tuple[float | None, str]:
     """Wait `at_s` seconds into training (or for a save, for `save`), inject the fault, return (time, detail)."""
-    started = time.monotonic()
     while trained_steps(run_dir) == 0 and job.process.poll() is None:
         time.sleep(0.02)
+    while kind == "corrupt" and not complete_steps(run_dir) and job.process.poll() is None:
+        time.sleep(0.02)  # something to corrupt
+    started = time.monotonic()
     if kind == "save":
         target = max(complete_steps(run_dir), default=0) + 1
         while job.process.poll() is None:
@@ -174,13 +178,17 @@ def main() -> int:
     reference = args.out / "reference"
     shutil.rmtree(reference, ignore_errors=True)
     started = time.monotonic()
-    code = Job(2, free_port(), [*flags, "--run-dir", str(reference)], args.out / "reference.log").wait(900)
-    duration = time.monotonic() - started
+    job = Job(2, free_port(), [*flags, "--run-dir", str(reference)], args.out / "reference.log")
+    while trained_steps(reference) == 0 and job.process.poll() is None:
+        time.sleep(0.02)
+    first_step = time.monotonic()
+    code = job.wait(900)
+    duration, training_s = time.monotonic() - started, time.monotonic() - first_step
     if code != 0 or complete_steps(reference)[-1:] != [args.steps]:
         print(f"reference run failed (exit {code}); see {args.out / 'reference.log'}")
         return 1
     expected = final_weights(reference, args.steps)
-    print(f"reference: {args.steps} steps in {duration:.0f} s (with start-up)", flush=True)
+    print(f"reference: {args.steps} steps in {duration:.0f} s ({training_s:.0f} s from the first step)", flush=True)
 
     records = []
     header = f"{'trial':>5}  {'kind':<8} {'fault':<44} {'exit_s':>6} {'resumed':>7} {'lost':>4} {'runs':>4} equal"
@@ -193,7 +201,7 @@ def main() -> int:
         log = args.out / f"trial_{trial:03d}.log"
         log.unlink(missing_ok=True)
         job = Job(2, port, [*flags, "--run-dir", str(run_dir)], log)
-        injected, detail = inject(kind, job, run_dir, rng.uniform(0, 0.8 * duration), rng)
+        injected, detail = inject(kind, job, run_dir, rng.uniform(0, training_s), rng)
         job.wait(TIMEOUT_S + 120)
         exit_s = time.monotonic() - injected if injected else None
         at_fault = trained_steps(run_dir)
