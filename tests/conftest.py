@@ -1,10 +1,12 @@
-"""Test-wide settings: Triton kernels run in the interpreter where there is no GPU; the shared data folder."""
+"""Test-wide settings: Triton kernels run in the interpreter where there is no GPU; the shared data folder; a
+one-rank process group for the parts of the trainer that talk to their peers."""
 
 import os
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -18,3 +20,15 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA} (set AMOS_SHARED_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def one_process_group(tmp_path_factory):
+    """A one-rank gloo group, torch.distributed's and DeepSpeed's comm over it, as a one-process run has."""
+    import deepspeed.comm
+
+    store = tmp_path_factory.mktemp("process_group") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    deepspeed.comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+    yield
+    dist.destroy_process_group()
