@@ -3,6 +3,7 @@
 # [mutmut] section. Not part of CI: about an hour or two on 2 cores. Install with `pip install -e '.[mutation]'`.
 #   bash bench/mutation.sh                                  # every mutant; results in mutants/, summary printed
 #   bash bench/mutation.sh 'amos_ds.data.masking*'          # the mutants of one module (mutmut's name globs)
+#   MUTATION_JOBS=1 bash bench/mutation.sh                  # one test process at a time (default 2)
 # Afterwards: `mutmut results` lists survivors, `mutmut show NAME` prints one mutant's diff.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,5 +15,6 @@ ln -s "$PWD/kernels" "$link/amos_kernels"
 # One thread per test process: mutmut runs --max-children of them side by side.
 export PYTHONPATH="$link" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TRITON_INTERPRET=1
 nice -n 10 mutmut run --max-children "${MUTATION_JOBS:-2}" "$@"
-mutmut results --all true | awk -F': ' '{ split($1, parts, ".x_"); module = parts[1]; count[module " " $2]++ }
-    END { for (key in count) print key, count[key] }' | sort
+# Per module: how many mutants were killed, survived, timed out, had no test, or were not checked in this run.
+mutmut results --all true | awk -F': ' '{ name = $1; gsub(/^ +/, "", name); module = substr(name, 1, index(name, ".x") - 1)
+    count[module ": " $2]++ } END { for (key in count) print key, count[key] }' | sort

@@ -3,6 +3,7 @@ states and the code version a checkpoint records."""
 
 import json
 import random
+import re
 import subprocess
 from pathlib import Path
 
@@ -94,6 +95,8 @@ def test_rng_state_round_trip_and_seeding():
     checkpoint.seed_rng(5)
     assert draws() == (random.Random(5).random(), float(np.random.RandomState(5).rand()),
                        torch.rand(1, generator=torch.Generator().manual_seed(5)).item())
+    checkpoint.seed_rng(2**32 + 5)  # NumPy takes seeds below 2**32: the seed modulo 2**32
+    assert float(np.random.rand()) == float(np.random.RandomState(5).rand())
     saved = checkpoint.rng_state()
     expected = draws()
     checkpoint.seed_rng(6)
@@ -117,7 +120,8 @@ def test_code_version_names_the_commit(tmp_path):
     root = Path(amos_ds.__file__).resolve().parents[1]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
     version = checkpoint.code_version()
-    assert version.startswith(f"{amos_ds.__version__}+") and commit[:12] in version
+    assert re.fullmatch(rf"{re.escape(amos_ds.__version__)}\+[0-9a-f]{{12}}(-dirty)?", version), version
+    assert version.split("+")[1].startswith(commit[:12])
 
 
 def linear_engine(**config):

@@ -14,7 +14,7 @@ from amos_ds.train.metrics import METRICS_FILE, MetricsLog, average_over_ranks, 
 RECORD = {"step": 7, "loss": 12.34567, "mlm_loss": 9.87654, "rtd_loss": 0.123456, "disc_acc_replaced": 0.4567,
           "disc_acc_original": 0.9876, "mix_weight_L4": 0.5, "mix_weight_L6": 0.3, "mix_weight_L8": 0.2,
           "lr": 0.000123, "grad_norm": 1.23456, "tokens_per_s": 12345.6, "tflops": 1.2345, "mfu": 0.4321,
-          "data_wait_s": 0.0123, "mem_gib": 3.456}
+          "data_wait_s": 0.6, "mem_gib": 3.456}
 
 
 def test_average_over_ranks_divides_the_sums_by_the_micro_batches(one_process_group):
@@ -25,7 +25,7 @@ def test_average_over_ranks_divides_the_sums_by_the_micro_batches(one_process_gr
 def test_console_line_shows_what_the_paper_plots():
     assert console_line(RECORD, 100) == (
         "step 7/100 | loss 12.3457 (mlm 9.877, rtd 0.1235) | acc rep 0.457 orig 0.988 | mix L4/6/8 0.50/0.30/0.20 | "
-        "lr 1.23e-04 | gnorm 1.235 | 12,346 tok/s | 1.234 TFLOP/s | MFU 43.2% | data 12 ms | mem 3.46 GiB")
+        "lr 1.23e-04 | gnorm 1.235 | 12,346 tok/s | 1.234 TFLOP/s | MFU 43.2% | data 600 ms | mem 3.46 GiB")
     line = console_line({**RECORD, "mfu": None, "grad_norm": None}, 100)
     assert "gnorm n/a" in line and "MFU n/a" in line
 
