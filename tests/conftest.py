@@ -1,6 +1,7 @@
-"""Test-wide settings: Triton kernels run in the interpreter where there is no GPU; the shared data folder; a short
-real pretraining run."""
+"""Test-wide settings: Triton kernels run in the interpreter where there is no GPU; the shared data folder; a
+one-rank process group for the parts of the trainer that talk to their peers; a short real pretraining run."""
 
+import atexit
 import glob
 import json
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -26,7 +28,7 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-# What one_rank_process_group puts in os.environ for the session (deepspeed.initialize reads it); a training run
+# What one_process_group puts in os.environ for the session (deepspeed.initialize reads it); a training run
 # started as a subprocess gets an environment without them, so that it picks its own port.
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -35,23 +37,32 @@ def subprocess_env() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if key not in DIST_ENV}
 
 
+def _remove_shared_memory_buffers(port: str) -> None:
+    """DeepSpeed's CPU all-reduce buffers of the group on `port` (66 MB each in /dev/shm)."""
+    for buffer in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+        os.remove(buffer)
+
+
 @pytest.fixture(scope="session")
-def one_rank_process_group():
-    """A one-rank gloo group in the test process, as `python amos_ds/pretrain.py` makes it; made once per session,
-    because DeepSpeed keeps its process groups for the life of the process."""
-    import deepspeed
-    import torch.distributed as dist
+def one_process_group(tmp_path_factory):
+    """A one-rank gloo group, torch.distributed's and DeepSpeed's comm over it, as a one-process run has, with the
+    launcher's variables in os.environ for the session. The group is made once per process and kept to its exit:
+    DeepSpeed caches its groups, so a second pytest session in the same process (as mutation testing runs) must
+    find the first one's group alive."""
+    import deepspeed.comm
 
     from amos_ds.pretrain import free_port
 
-    port = str(free_port())
     saved = {key: os.environ.get(key) for key in DIST_ENV}
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    deepspeed.init_distributed()
+    if not dist.is_initialized():
+        port = str(free_port())
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        store = tmp_path_factory.mktemp("process_group") / "store"
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+        deepspeed.comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+        atexit.register(dist.destroy_process_group)
+        atexit.register(_remove_shared_memory_buffers, port)
     yield
-    dist.destroy_process_group()
-    for buffer in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
-        os.remove(buffer)
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)

@@ -301,7 +301,7 @@ def test_the_catalogue_is_large_enough():
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_input(name, tmp_path, corpus, capsys, one_rank_process_group):  # noqa: F811
+def test_bad_input(name, tmp_path, corpus, capsys, one_process_group):  # noqa: F811
     program, argv, expected = CASES[name](tmp_path, corpus)
     before = snapshot(tmp_path, corpus)
     capsys.readouterr()

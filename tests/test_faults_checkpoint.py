@@ -95,7 +95,7 @@ class RunsCode:
         return Path.touch, (self.marker,)
 
 
-def test_checkpoint_files_load_without_running_code(tmp_path, one_rank_process_group):
+def test_checkpoint_files_load_without_running_code(tmp_path, one_process_group):
     model = torch.nn.Linear(4, 4)
     config = {"train_batch_size": 1, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
               "zero_optimization": {"stage": 1}}

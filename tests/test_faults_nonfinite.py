@@ -46,7 +46,7 @@ def optimizer_step(engine, guard: NonFiniteGuard | None, infinite_micro_batch: i
 
 
 @pytest.mark.parametrize("zero_stage, bf16", [(1, False), (2, True)])
-def test_a_non_finite_loss_skips_the_whole_update(one_rank_process_group, zero_stage, bf16):
+def test_a_non_finite_loss_skips_the_whole_update(one_process_group, zero_stage, bf16):
     engine, config = make_engine(zero_stage, bf16)
     unguarded = weights(engine)
     optimizer_step(engine, None, infinite_micro_batch=0)
@@ -71,7 +71,7 @@ def test_a_non_finite_loss_skips_the_whole_update(one_rank_process_group, zero_s
     assert engine.skipped_steps == skipped + 3
 
 
-def test_an_optimizer_that_cannot_skip_is_refused(one_rank_process_group):
+def test_an_optimizer_that_cannot_skip_is_refused(one_process_group):
     engine, config = make_engine(zero_stage=0, bf16=False)
     with pytest.raises(ConfigError, match="--deepspeed_config ds.json: this optimizer setup .* cannot skip"):
         NonFiniteGuard(engine, config, "ds.json", max_in_a_row=2)

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from amos_ds.config import get_preset, with_ablation
+from amos_ds.finetune.pretrained import TextEncoder, encoder_state
 from amos_ds.model import AMOSModel, RelativePositionBias, relative_position_bucket
 from amos_ds.model import amos as amos_module
 from amos_ds.vocab import IGNORE_INDEX, MASK_ID, PAD_ID
@@ -183,13 +184,19 @@ def test_random_layer_picks_one_head_per_position_uniformly():
     assert torch.allclose(shares, torch.full((3,), 1 / 3), atol=0.02)
     assert torch.equal(gamma, torch.softmax(model.mixture_logits(features, seed=11, progress=0.9), dim=-1))
     assert not torch.equal(gamma, torch.softmax(model.mixture_logits(features, seed=12, progress=0.0), dim=-1))
+    # Through the forward: each head's weight is the share of masked positions it was drawn for.
+    input_ids, attention_mask, labels = make_batch(config)
+    out = model(input_ids, attention_mask, labels, seed=11)
+    counts = [out.metrics[f"mix_weight_L{layer}"].item() * (labels != IGNORE_INDEX).sum().item()
+              for layer in config.head_layers]
+    assert counts == pytest.approx([round(c) for c in counts], abs=1e-4) and sum(map(round, counts)) == sum(counts)
 
 
 def test_layer_switch_follows_training_progress():
     config = with_ablation(TINY, "layer_switch")
     model = build(config)
     features = torch.randn(3, 5, config.hidden_size)
-    for progress, head in ((0.0, 0), (0.3, 0), (0.34, 1), (0.66, 1), (0.67, 2), (1.0, 2)):
+    for progress, head in ((0.0, 0), (0.3, 0), (1 / 3, 1), (0.34, 1), (0.66, 1), (2 / 3, 2), (0.67, 2), (1.0, 2)):
         gamma = torch.softmax(model.mixture_logits(features, seed=0, progress=progress), dim=-1)
         assert torch.equal(gamma, torch.nn.functional.one_hot(torch.full((5,), head), 3).float()), progress
 
@@ -339,8 +346,8 @@ def test_metrics_name_each_head_by_its_layer():
     config = with_ablation(TINY, "layer_switch")
     model = build(config)
     batch = make_batch(config)
-    for progress, layer in ((0.0, 1), (0.5, 2), (0.9, 3)):
-        out = model(*batch, seed=0, progress=progress)
+    for progress, layer in ((None, 1), (0.0, 1), (0.5, 2), (0.9, 3)):
+        out = model(*batch, seed=0) if progress is None else model(*batch, seed=0, progress=progress)
         for other in config.head_layers:
             assert out.metrics[f"mix_weight_L{other}"].item() == float(other == layer), (progress, other)
     assert len(set(out.head_losses.tolist())) == 3
@@ -369,3 +376,43 @@ def test_adversarial_mlm_gradient_is_proportional_to_the_configured_scale():
     assert head_grads[1.0].abs().max() > 0
     largest = head_grads[1.0].abs().max().item()
     torch.testing.assert_close(head_grads[0.1], 0.1 * head_grads[1.0], rtol=1e-4, atol=1e-4 * largest)
+
+
+def test_vocab_impl_chooses_the_implementation_the_model_runs():
+    """`vocab_impl` reaches the vocabulary path: "chunked" puts its hand-written backward in the graph, "torch" not."""
+
+    def graph_names(tensor):
+        names, stack, seen = set(), [tensor.grad_fn], set()
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            names.add(type(node).__name__)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+        return names
+
+    for impl, expected in (("chunked", True), ("torch", False)):
+        config = TINY.replace(vocab_impl=impl)
+        out = build(config)(*make_batch(config), seed=0)
+        assert any("ChunkedVocabPath" in name for name in graph_names(out.loss)) == expected, impl
+
+
+def test_rtd_loss_reads_the_last_layer_of_the_discriminator_that_fine_tuning_keeps():
+    """Three discriminator layers; every sample is token 7, so the discriminator's input is known: the RTD loss is
+    the RTD head on the hidden states of the encoder that `amos_ds.finetune` keeps, at real positions."""
+    config = TINY.replace(disc_layers=3)
+    model = build(config)
+    with torch.no_grad():
+        model.mlm_head.bias[7] = 1e4
+    input_ids, attention_mask, labels = make_batch(config)
+    out = model(input_ids, attention_mask, labels, seed=0)
+    encoder = TextEncoder(config)
+    encoder.load_state_dict(encoder_state(model.state_dict()))
+    masked = labels != IGNORE_INDEX
+    with torch.no_grad():
+        hidden = encoder(torch.where(masked, torch.full_like(labels, 7), input_ids), attention_mask)
+        logits = model.rtd_head(hidden).squeeze(-1)
+    real = attention_mask.bool()
+    expected = F.binary_cross_entropy_with_logits(logits[real], out.replaced[real].float())
+    torch.testing.assert_close(out.rtd_loss, expected, rtol=1e-5, atol=1e-6)

@@ -1,6 +1,7 @@
 """The vocabulary-path contract (amos_ds.ops): noise stream, sampling law, gradients, plain vs chunked."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -112,7 +113,7 @@ def test_samples_follow_the_mixed_softmax():
 
 
 @pytest.mark.parametrize("adv_logit_scale", [0.0, 0.1])
-@pytest.mark.parametrize("grad_scale", [-1.0, 1.0])
+@pytest.mark.parametrize("grad_scale", [-1.0, 1.0, -0.5])
 def test_chunked_equals_plain(adv_logit_scale, grad_scale):
     tensors, targets, grad_sampled = random_inputs()
     kwargs = dict(grad_scale=grad_scale, adv_logit_scale=adv_logit_scale)
@@ -123,6 +124,26 @@ def test_chunked_equals_plain(adv_logit_scale, grad_scale):
     assert torch.equal(chunked[2], plain[2])
     for name, got, want in zip(("head_states", "mix_logits", "embedding", "bias"), chunked[3], plain[3]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"gradient of {name}")
+
+
+def test_chunked_equals_plain_in_bf16_and_when_only_the_losses_are_trained():
+    tensors, targets, grad_sampled = random_inputs(dtype=torch.bfloat16)
+    plain = run(mlm_and_sample_torch, tensors, targets, grad_sampled)
+    chunked = run(mlm_and_sample_chunked, tensors, targets, grad_sampled, chunk_rows=8)
+    assert torch.equal(chunked[1], plain[1])
+    for name, got, want in zip(("head_states", "mix_logits", "embedding", "bias"), chunked[3], plain[3]):
+        assert got.dtype == want.dtype, name
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item(), msg=name)
+
+    tensors, targets, _ = random_inputs()
+    grads = []
+    for function in (mlm_and_sample_torch, mlm_and_sample_chunked):
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        losses, _, _ = function(*leaves, targets, 0.3, 1234)
+        losses.sum().backward()  # the samples take no part: no gradient reaches the mixture
+        grads.append([torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for leaf in leaves])
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_plain_matches_hand_written_formulas():
@@ -195,3 +216,11 @@ def test_dispatch_and_shape_errors():
     states, mix_logits, _, _ = tensors
     with pytest.raises(RuntimeError, match="embedding is empty"):
         ops.mlm_and_sample(states, mix_logits, torch.empty(0), torch.empty(0), targets, 0.3, 0)
+
+
+def test_triton_without_the_kernel_package_is_a_clear_error(monkeypatch):
+    tensors, targets, _ = random_inputs(num_rows=4)
+    monkeypatch.setitem(sys.modules, "amos_kernels", None)  # what Python does when the package is not installed
+    with pytest.raises(RuntimeError, match=r"impl='triton' needs the amos_kernels package and Triton: "):
+        ops.mlm_and_sample(*tensors, targets, 0.3, 0, impl="triton")
+    assert not ops.triton_available()

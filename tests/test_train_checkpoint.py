@@ -1,11 +1,20 @@
-"""Checkpoint bookkeeping without a model: completeness, `--resume` lookup, keep-last-K, compatibility checks."""
+"""Checkpoint bookkeeping without a model: completeness, `--resume` lookup, keep-last-K, compatibility checks, RNG
+states and the code version a checkpoint records."""
 
 import json
+import random
+import re
+import subprocess
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
+import amos_ds
 from amos_ds.train import checkpoint
 from amos_ds.train.train_config import ConfigError
+from amos_ds.train.version import code_version
 
 MODEL = {"hidden_size": 64, "head_layers": [1, 2, 3], "vocab_impl": "auto"}
 
@@ -23,12 +32,14 @@ def fake_checkpoint(run_dir, step, complete=True, world_size=2, zero_stage=1):
 
 def test_resume_auto_takes_the_newest_complete_checkpoint(tmp_path):
     assert checkpoint.find_resume(tmp_path, "auto") is None
-    fake_checkpoint(tmp_path, 100)
-    newest = fake_checkpoint(tmp_path, 200)
-    fake_checkpoint(tmp_path, 300, complete=False)  # killed while saving
+    for step in (100, 99_999_999, 200):  # past 8 digits, the newest by step is not the last by name
+        fake_checkpoint(tmp_path, step)
+    newest = fake_checkpoint(tmp_path, 100_000_000)
+    fake_checkpoint(tmp_path, 100_000_001, complete=False)  # killed while saving
     point = checkpoint.find_resume(tmp_path, "auto")
-    assert (point.path, point.step) == (newest, 200)
+    assert (point.path, point.step) == (newest, 100_000_000)
     assert checkpoint.find_resume(tmp_path, str(tmp_path)).path == newest
+    assert checkpoint.newest_checkpoint(tmp_path / "checkpoints") == newest
     with pytest.raises(ConfigError, match="no complete checkpoint there"):
         checkpoint.find_resume(tmp_path, str(tmp_path / "checkpoints" / "step_00000300"))
 
@@ -36,13 +47,16 @@ def test_resume_auto_takes_the_newest_complete_checkpoint(tmp_path):
 def test_a_run_never_overwrites_its_newer_checkpoints(tmp_path):
     other = tmp_path / "other"
     older = fake_checkpoint(other, 100)
+    fake_checkpoint(other, 150)
     fake_checkpoint(other, 200)
     assert checkpoint.find_resume(other, str(other / "checkpoints" / "step_00000200")).step == 200
     assert checkpoint.find_resume(tmp_path / "new", str(older)).step == 100  # branching into a new run directory
     for resume in ("none", str(older)):
-        with pytest.raises(ConfigError, match=f"--resume {resume}: --run-dir {other} already holds checkpoints up "
-                                              "to step 200, which this run would overwrite"):
+        with pytest.raises(ConfigError) as err:
             checkpoint.find_resume(other, resume)
+        assert str(err.value) == (f"--resume {resume}: --run-dir {other} already holds checkpoints up to step 200, "
+                                  "which this run would overwrite; use --resume auto to continue it, or another "
+                                  "--run-dir")
 
 
 def test_universal_conversion_is_needed_for_another_world_size_or_stage(tmp_path):
@@ -52,7 +66,7 @@ def test_universal_conversion_is_needed_for_another_world_size_or_stage(tmp_path
 
 
 def test_prune_keeps_the_last_k_and_drops_incomplete_leftovers(tmp_path):
-    for step in (100, 200, 300):
+    for step in (100, 200, 250, 300):
         fake_checkpoint(tmp_path, step)
     fake_checkpoint(tmp_path, 350, complete=False)
     fake_checkpoint(tmp_path, 400)
@@ -67,5 +81,94 @@ def test_resume_refuses_another_tokenizer_or_model(tmp_path):
     checkpoint.check_compatible(point, "abc", {**MODEL, "vocab_impl": "triton"})  # implementation only
     with pytest.raises(ConfigError, match="trained on tokenizer abc, --data has xyz"):
         checkpoint.check_compatible(point, "xyz", MODEL)
-    with pytest.raises(ConfigError, match=r"model differs from the checkpoint's \(hidden_size: 64 -> 128\)"):
-        checkpoint.check_compatible(point, "abc", {**MODEL, "hidden_size": 128})
+    with pytest.raises(ConfigError) as err:
+        checkpoint.check_compatible(point, "abc", {**MODEL, "hidden_size": 128, "rtd_weight": 7.0})
+    assert str(err.value) == (f"--resume {point.path}: model differs from the checkpoint's (hidden_size: 64 -> 128, "
+                              "rtd_weight: None -> 7.0); use the same --preset and config, or --resume none / "
+                              "another --run-dir")
+
+
+def draws():
+    return random.random(), float(np.random.rand()), torch.rand(1).item()
+
+
+def test_rng_state_round_trip_and_seeding():
+    checkpoint.seed_rng(5)
+    assert draws() == (random.Random(5).random(), float(np.random.RandomState(5).rand()),
+                       torch.rand(1, generator=torch.Generator().manual_seed(5)).item())
+    checkpoint.seed_rng(2**32 + 5)  # NumPy takes seeds below 2**32: the seed modulo 2**32
+    assert float(np.random.rand()) == float(np.random.RandomState(5).rand())
+    saved = checkpoint.rng_state()
+    expected = draws()
+    checkpoint.seed_rng(6)
+    checkpoint.set_rng_state(saved)
+    assert draws() == expected
+
+
+def test_restore_rng_takes_this_ranks_state_or_seeds_at_another_world_size(one_process_group):
+    checkpoint.seed_rng(1)
+    saved = checkpoint.rng_state()
+    expected = draws()
+    checkpoint.restore_rng({"rng": [saved]}, seed=1234, step=10)  # same world size: this rank's own state
+    assert draws() == expected
+    checkpoint.restore_rng({"rng": [saved, saved]}, seed=1234, step=10)  # saved by two ranks
+    resumed = draws()
+    checkpoint.seed_rng(hash((1234, 10, 0)) & 0x7FFFFFFF)
+    assert resumed == draws() != expected
+
+
+def test_code_version_names_the_commit(tmp_path):
+    root = Path(amos_ds.__file__).resolve().parents[1]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    version = code_version()
+    assert re.fullmatch(rf"{re.escape(amos_ds.__version__)}\+[0-9a-f]{{12}}(-dirty)?", version), version
+    assert version.split("+")[1].startswith(commit[:12])
+
+
+def linear_engine(**config):
+    """A DeepSpeed engine (ZeRO-1, fp32) around a small linear layer, with the same initial weights every time."""
+    import deepspeed
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    ds_config = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 1},
+                 "optimizer": {"type": "AdamW", "params": {"lr": 0.1, "torch_adam": True}}, **config}
+    return deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)[0]
+
+
+def test_save_resume_and_universal_conversion_with_a_real_engine(one_process_group, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "0")  # what a launcher sets, and DeepSpeed's engine asks for
+    trained = linear_engine()
+    info = {"world_size": 1, "zero_stage": 1, "tokenizer_hash": "abc", "model": MODEL}
+    for step in (1, 2, 3):
+        trained.backward(trained(torch.ones(2, 4)).sum())
+        trained.step()
+        saved_rng = checkpoint.rng_state()
+        path = checkpoint.save_checkpoint(trained, tmp_path, step, info, {"consumed_samples": 2 * step}, keep_last=2)
+    checkpoints = tmp_path / "checkpoints"
+    assert path == checkpoints / "step_00000003"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000002", "step_00000003"]  # keep_last=2
+    assert (checkpoints / "latest").read_text() == "step_00000003"
+    meta = json.loads((path / checkpoint.META).read_text())
+    files = meta.pop(checkpoint.FILES)
+    assert meta == {"step": 3, **info}
+    assert sorted(files) == sorted(f.name for f in path.iterdir() if f.name != checkpoint.META)
+    assert all(entry["bytes"] == (path / name).stat().st_size for name, entry in files.items())
+    assert not list(tmp_path.rglob("*.tmp"))
+
+    point = checkpoint.find_resume(tmp_path, "auto")
+    resumed = linear_engine()
+    client_state = checkpoint.load_checkpoint(resumed, point, universal=False)
+    assert (client_state["info"], client_state["sampler"]) == (info, {"consumed_samples": 6})
+    (rng,) = client_state["rng"]
+    assert torch.equal(rng["torch"], saved_rng["torch"]) and rng["python"] == saved_rng["python"]
+    assert resumed.global_steps == 3 and torch.equal(resumed.module.weight, trained.module.weight)
+
+    # Another world size or ZeRO stage: converted once to DeepSpeed's universal format, then loaded from it.
+    checkpoint.prepare_universal(point)
+    assert (path / "universal").is_dir() and not (path / "universal.partial").exists()
+    assert not (path / "latest_universal").exists()
+    universal = linear_engine(checkpoint={"load_universal": True})
+    checkpoint.load_checkpoint(universal, point, universal=True)
+    assert torch.equal(universal.module.weight, trained.module.weight)
+

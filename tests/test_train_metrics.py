@@ -1,0 +1,69 @@
+"""What a run reports each step: the averages over micro-batches and ranks, metrics.jsonl (kept consistent with the
+checkpoint a run resumes from), monitor events, the console line and the memory figure."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from deepspeed.monitor.config import get_monitor_config
+from deepspeed.monitor.csv_monitor import csvMonitor
+
+from amos_ds.train.metrics import METRICS_FILE, MetricsLog, average_over_ranks, console_line, memory_gib, read_metrics
+
+RECORD = {"step": 7, "loss": 12.34567, "mlm_loss": 9.87654, "rtd_loss": 0.123456, "disc_acc_replaced": 0.4567,
+          "disc_acc_original": 0.9876, "mix_weight_L4": 0.5, "mix_weight_L6": 0.3, "mix_weight_L8": 0.2,
+          "lr": 0.000123, "grad_norm": 1.23456, "tokens_per_s": 12345.6, "tflops": 1.2345, "mfu": 0.4321,
+          "data_wait_s": 0.6, "mem_gib": 3.456}
+
+
+def test_average_over_ranks_divides_the_sums_by_the_micro_batches(one_process_group):
+    sums = {"rtd_loss": torch.tensor(1.5, dtype=torch.float64), "loss": torch.tensor(6.0)}
+    assert average_over_ranks(sums, 3) == {"loss": 2.0, "rtd_loss": 0.5}
+
+
+def test_console_line_shows_what_the_paper_plots():
+    assert console_line(RECORD, 100) == (
+        "step 7/100 | loss 12.3457 (mlm 9.877, rtd 0.1235) | acc rep 0.457 orig 0.988 | mix L4/6/8 0.50/0.30/0.20 | "
+        "lr 1.23e-04 | gnorm 1.235 | 12,346 tok/s | 1.234 TFLOP/s | MFU 43.2% | data 600 ms | mem 3.46 GiB")
+    line = console_line({**RECORD, "mfu": None, "grad_norm": None}, 100)
+    assert "gnorm n/a" in line and "MFU n/a" in line
+
+
+def test_log_writes_records_and_monitor_events_and_a_resume_drops_later_steps(one_process_group, tmp_path, capsys):
+    config = get_monitor_config({"csv_monitor": {"enabled": True, "output_path": str(tmp_path), "job_name": "csv"}})
+    log = MetricsLog(tmp_path, csvMonitor(config.csv_monitor), resume_step=0, enabled=True)
+    for step in (1, 2, 3):
+        log.log({**RECORD, "step": step, "loss": float(step)}, max_steps=3)
+    log.close()
+    assert [r["loss"] for r in read_metrics(tmp_path)] == [1.0, 2.0, 3.0]
+    assert read_metrics(tmp_path)[0] == {**RECORD, "step": 1, "loss": 1.0}
+    assert capsys.readouterr().out.splitlines()[-1].startswith("step 3/3 | loss 3.0000")
+    events = (tmp_path / "csv" / "Train_loss.csv").read_text().split()
+    assert events == ["step,loss", "1,1.0", "2,2.0", "3,3.0"]
+    assert not (tmp_path / "csv" / "Train_step.csv").exists()
+
+    # A crash after step 3 and a resume from the checkpoint of step 2: step 3 is logged again, once.
+    log = MetricsLog(tmp_path, csvMonitor(config.csv_monitor), resume_step=2, enabled=True)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    log.log({**RECORD, "step": 3, "loss": 30.0}, max_steps=3)
+    log.close()
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_other_ranks_write_nothing(tmp_path, capsys):
+    log = MetricsLog(tmp_path, monitor=None, resume_step=0, enabled=False)
+    log.log(RECORD, max_steps=10)
+    log.close()
+    assert not (tmp_path / METRICS_FILE).exists() and capsys.readouterr().out == ""
+
+
+def test_read_metrics_skips_blank_lines_and_a_missing_file(tmp_path):
+    assert read_metrics(tmp_path) == []
+    (tmp_path / METRICS_FILE).write_text('{"step": 1}\n\n{"step": 2}\n')
+    assert read_metrics(tmp_path) == [{"step": 1}, {"step": 2}]
+
+
+def test_cpu_memory_is_the_peak_resident_size_in_gib():
+    peak_kib = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+    assert memory_gib(torch.device("cpu")) == pytest.approx(peak_kib / 2**20, rel=0.05)
