@@ -11,7 +11,7 @@ import signal
 import subprocess
 import time
 
-from test_train_run import cleanup, complete_steps, corpus, start, write_configs  # noqa: F401
+from test_train_run import cleanup, complete_steps, corpus, logged_steps, start, wait_until, write_configs  # noqa: F401
 
 TIMEOUT_S = 5
 LAUNCHER_GRACE_S = 30  # deepspeed.launcher.launch: terminate, wait 30 s, kill
@@ -33,11 +33,7 @@ def test_a_hung_rank_ends_the_job_within_the_timeout(tmp_path, corpus):  # noqa:
 
     process, port = start(2, flags)
     try:
-        deadline = time.monotonic() + 240
-        log = run_dir / "metrics.jsonl"
-        while not log.is_file() or log.read_text().count("\n") < 3:
-            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-3000:]
-            time.sleep(0.05)
+        wait_until(lambda: logged_steps(run_dir) >= 3, process)
         os.kill(rank_pids(process.pid)[1], signal.SIGSTOP)  # rank 1 hangs; rank 0 waits in its next collective
         hung = time.monotonic()
         output, _ = process.communicate(timeout=TIMEOUT_S + LAUNCHER_GRACE_S + 60)

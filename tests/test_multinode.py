@@ -9,12 +9,20 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import subprocess_env
-from test_train_run import REPO, cleanup, complete_steps, corpus, metrics, write_configs  # noqa: F401
+from test_train_run import (  # noqa: F401
+    REPO,
+    cleanup,
+    complete_steps,
+    corpus,
+    logged_steps,
+    metrics,
+    wait_until,
+    write_configs,
+)
 
 from amos_ds.pretrain import free_port
 
@@ -66,10 +74,8 @@ PidFile none
     Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
     sshd = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(directory / "sshd_config")], stderr=subprocess.PIPE,
                             text=True)
-    deadline = time.monotonic() + 30
-    while subprocess.run(["ssh", "-F", str(directory / "ssh_config"), "amos-node2", "true"]).returncode:
-        assert sshd.poll() is None and time.monotonic() < deadline, sshd.communicate()[1]
-        time.sleep(0.2)
+    ssh_works = ["ssh", "-F", str(directory / "ssh_config"), "amos-node2", "true"]
+    wait_until(lambda: subprocess.run(ssh_works).returncode == 0, sshd, timeout=30, poll=0.2)
     yield directory / "ssh_config"
     sshd.terminate()
     sshd.wait()
@@ -103,11 +109,7 @@ def test_two_nodes_train_lose_one_and_resume_on_the_other(tmp_path, corpus, ssh_
 
     job = launch(tmp_path / "two", launch_flags, flags)
     try:
-        deadline = time.monotonic() + 300
-        log = run_dir / "metrics.jsonl"
-        while not log.is_file() or log.read_text().count("\n") < 3:
-            assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0][-4000:]
-            time.sleep(0.1)
+        wait_until(lambda: logged_steps(run_dir) >= 3, job, timeout=300, poll=0.1)
         for pid in node_processes(port, node_rank=1):  # node 2 is lost
             os.kill(pid, signal.SIGKILL)
         output, _ = job.communicate(timeout=120)

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,25 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def logged_steps(run_dir: Path) -> int:
+    """How many step records a run has written to metrics.jsonl so far."""
+    log = run_dir / "metrics.jsonl"
+    return log.read_text().count("\n") if log.is_file() else 0
+
+
+def wait_until(done: Callable[[], bool], process: subprocess.Popen, timeout: float = 240, poll: float = 0.05) -> None:
+    """Poll `done()` while `process` runs; fail with its last output if it exits first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if process.poll() is None and time.monotonic() < deadline:
+            time.sleep(poll)
+            continue
+        ended = process.poll() is not None
+        process.kill()
+        pytest.fail(f"{'the run ended' if ended else f'{timeout} s passed'} before the awaited state; its output:\n"
+                    f"{''.join(part or '' for part in process.communicate())[-4000:]}")
+
+
 def complete_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.parent.name.removeprefix("step_")) for p in run_dir.glob("checkpoints/step_*/amos_meta.json"))
 
@@ -135,11 +155,8 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, corpus, zero_stage):
     run(2, [*flags, "--run-dir", str(reference)])
 
     process, port = start(2, [*flags, "--run-dir", str(interrupted)])
-    deadline = time.monotonic() + 240
     try:
-        while not (interrupted / "checkpoints/step_00000003/amos_meta.json").exists():
-            assert process.poll() is None and time.monotonic() < deadline, "run ended before its first checkpoint"
-            time.sleep(0.01)
+        wait_until((interrupted / "checkpoints/step_00000003/amos_meta.json").exists, process, poll=0.01)
     finally:
         cleanup(process, port)  # SIGKILL, no clean exit
     assert complete_steps(interrupted) == [3], "the run finished before the kill: nothing was tested"
@@ -176,10 +193,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, corpus):
              "--save-every", "1000"]
     process, port = start(1, flags)
     try:
-        deadline = time.monotonic() + 240
-        while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text()):
-            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-4000:]
-            time.sleep(0.1)
+        wait_until(lambda: logged_steps(run_dir) > 0, process)
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=120)
     finally:
