@@ -1,7 +1,7 @@
 """Settings of the fused vocabulary path: which layout runs (`KernelConfig.layout`), its tiles and its buffer bound.
 
 The two layouts compute the same numbers (see `vocab_path`); which one is faster is a question for a GPU
-(`python -m amos_kernels.bench` times both). The default stays "stacked_slots", the layout measured so far.
+(`python -m amos_kernels.bench` times both). `DEFAULT_LAYOUT` is what `KernelConfig()` and `default_config` take.
 """
 
 import os
@@ -11,6 +11,7 @@ import torch
 import triton
 
 LAYOUTS = ("stacked_slots", "chunked_logits")
+DEFAULT_LAYOUT = "stacked_slots"  # the layout measured so far (BENCHMARKS.md); the other is not yet timed on a GPU
 
 
 def interpreting() -> bool:
@@ -32,7 +33,7 @@ class KernelConfig:
     128, low enough for two 8-warp programs per SM, spilled and was slower on an H200 (BENCHMARKS.md).
     """
 
-    layout: str = "stacked_slots"
+    layout: str = DEFAULT_LAYOUT
     block_n: int = 32
     block_v: int = 128
     block_h: int = 64
@@ -54,7 +55,7 @@ class KernelConfig:
                                  f"(layout {self.layout})")
 
 
-def default_config(num_heads: int, device: torch.device, layout: str = "stacked_slots") -> KernelConfig:
+def default_config(num_heads: int, device: torch.device, layout: str = DEFAULT_LAYOUT) -> KernelConfig:
     """Tiles of `layout` for `device`; few, large tiles under the interpreter (fewer steps).
 
     stacked_slots: a 256 x 64 stacked tile. On an H200 it took under a third of the time of 128 x 128 (which

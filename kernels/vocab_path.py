@@ -13,7 +13,7 @@ sampled_embeds = embedding[sampled_ids] in value, its gradient reaching embeddin
 y = softmax((mixed + g) / tau) times grad_scale (and the head logits, times adv_logit_scale, when that is not 0).
 No [N, V] logits are kept: the forward keeps O(N x K) statistics and the backward recomputes the logits.
 
-Two layouts compute this, chosen by `KernelConfig.layout` (default "stacked_slots", the one measured on a GPU):
+Two layouts compute this, chosen by `KernelConfig.layout` (default `config.DEFAULT_LAYOUT`, "stacked_slots"):
 - "stacked_slots" (`stacked_slots.py`): each Triton program computes its logit tiles with tl.dot, the K heads'
   rows stacked into one operand, and runs the per-tile arithmetic on them in registers.
 - "chunked_logits" (`chunked_logits.py`, the layout of Liger-Kernel and Cut Cross-Entropy): cuBLAS writes a chunk of
