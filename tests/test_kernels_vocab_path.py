@@ -149,6 +149,16 @@ def test_autocast_runs_the_kernel_in_the_autocast_dtype(layout: str) -> None:
         assert torch.equal(autocast_grads[name], cast_grads[name].float()), name
 
 
+def test_config_names_a_bad_layout_or_tile() -> None:
+    with pytest.raises(ValueError, match=r"KernelConfig.layout: 'chunked' is not one of"):
+        KernelConfig(layout="chunked")
+    with pytest.raises(ValueError, match=r"KernelConfig.block_n: 8 is not a power of two >= 16 \(layout stacked_slots"):
+        KernelConfig(layout="stacked_slots", block_n=8)
+    assert KernelConfig(layout="chunked_logits", block_n=1).block_n == 1  # no tl.dot in its pass: any power of two
+    with pytest.raises(ValueError, match=r"KernelConfig.block_v: 96 is not a power of two >= 1"):
+        KernelConfig(layout="chunked_logits", block_v=96)
+
+
 def test_empty_embedding_raises() -> None:
     inputs = _inputs(3, 4, 16, 32, torch.float32)
     empty = torch.empty(0, device=DEVICE)  # what a ZeRO-3-partitioned parameter looks like outside its module
