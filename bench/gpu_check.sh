@@ -11,10 +11,13 @@
 #                                                # Liger-Kernel and Cut Cross-Entropy (kernel benchmark rows)
 #   python3 -m pip download -q --no-deps -d .whl pytest pluggy iniconfig packaging   # if the GPU machine lacks pytest
 # Section "kernels" (each step bounded by what is left of the time):
-#   1. kernel and noise tests on CUDA (fp32 and bf16): tests/test_kernels_*.py, tests/test_ops.py
-#   2. tile sweep of the fused path: python -m amos_kernels.bench_tiles (N 16384, V 32768)
-#   3. microbenchmark: python -m amos_kernels.bench (N 16384/4096, V 32768/64000, H 768, K 3, bf16; the goal
-#      shape N 16384, V 32768 first, so that a timeout still leaves it)
+#   1. kernel and noise tests on CUDA (fp32 and bf16, both layouts): tests/test_kernels_*.py, tests/test_ops.py
+#   2. tile sweep of both layouts of the fused path, with registers and spills per kernel:
+#      python -m amos_kernels.bench_tiles (N 16384, V 32768; each layout's default first, then the chunked_logits
+#      variants, then the stacked_slots ones)
+#   3. microbenchmark: python -m amos_kernels.bench (N 16384/4096, V 32768/64000, H 768, K 3, bf16; both layouts
+#      against eager, torch.compile, Liger's CE and the matmul floor; the goal shape N 16384, V 32768 first, so that
+#      a timeout still leaves it)
 # Section "train":
 #   4. which attention kernel takes the relative bias with its gradient (bench/bench_attention.py, base shapes)
 #   5. the model-step tests on CUDA (FlexAttention's gradient, compiled layers): tests/test_model_step.py
@@ -86,13 +89,13 @@ if [[ " $SECTIONS " == *" kernels "* ]]; then
     # Each test shape is a new kernel specialisation to compile: four workers compile in parallel when xdist is there.
     PARALLEL=()
     python3 -c "import xdist" 2>/dev/null && PARALLEL=(-n 4)
-    run_step "kernel tests (CUDA, fp32 + bf16)" 150 "$LOG_DIR/tests.log" \
+    run_step "kernel tests (CUDA, fp32 + bf16)" 170 "$LOG_DIR/tests.log" \
       python3 -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" tests/test_kernels_vocab_path.py tests/test_ops.py \
       tests/test_kernels_bench.py
   else
     ROWS+=("| kernel tests | skipped: no pytest (carry its wheels, see the header) | 0 | |")
   fi
-  run_step "tile sweep" 90 "$LOG_DIR/tiles.log" python3 -m amos_kernels.bench_tiles
+  run_step "tile sweep" 120 "$LOG_DIR/tiles.log" python3 -m amos_kernels.bench_tiles
   run_step "microbenchmark" 220 "$LOG_DIR/bench.log" \
     python3 -m amos_kernels.bench --rows 16384 4096 --vocab 32768 64000 --warmup 1 --repeats 5
 fi

@@ -1,11 +1,14 @@
 """Microbenchmark of the fused vocabulary path: `python -m amos_kernels.bench [--rows ...] [--vocab ...]`.
 
 Times forward + backward and measures the peak extra memory (peak allocated during one step minus what the inputs
-hold) of: the plain PyTorch reference ("eager"), `torch.compile` of it ("compiled"), the fused Triton path ("triton"),
-any `--extra` implementation, and, for the cross-entropy part alone, Liger-Kernel's fused linear cross-entropy summed
-over the K heads ("liger-ce", when liger_kernel is installed). One markdown table, plus the matmul floor: the FLOPs of
-the matmuls the path needs, 2 N H V (3K + 1) (K logits forward; K input and K embedding gradients and the
-straight-through grad_sampled @ E^T backward), over this GPU's measured bf16 matmul rate.
+hold) of: the plain PyTorch reference ("eager"), `torch.compile` of it ("compiled"), for the cross-entropy part
+alone Liger-Kernel's fused linear cross-entropy summed over the K heads ("liger-ce", when liger_kernel is installed),
+then the fused Triton path in each layout with its default tiles ("triton stacked_slots", "triton chunked_logits")
+and any `--extra` implementation. One markdown table with each row's speed-up over the baselines measured before it
+in the same run (eager, compiled, liger-ce: their time over the row's), plus the matmul floor: the FLOPs of the
+matmuls the path needs, 2 N H V (3K + 1) (K logits forward; K input and K embedding gradients and the
+straight-through grad_sampled @ E^T backward), over this GPU's measured bf16 matmul rate ("vs floor": the row's time
+over the floor's).
 
 The reference is a plug, `--reference package.module:function` (default: amos_ds's own reference), imported by name
 at run time. This keeps one reference in the project (no copy of it in the kernels package) while amos_kernels
@@ -16,6 +19,7 @@ without memory figures: only a smoke test of this script.
 """
 
 import argparse
+import functools
 import importlib
 import os
 import time
@@ -23,11 +27,14 @@ from collections.abc import Callable
 
 import torch
 
+from .config import LAYOUTS, default_config
 from .vocab_path import mlm_and_sample_triton
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TAU = 0.3
 SEED = 17
+LIGER = "liger-ce (CE only)"
+BASELINES = ("eager", "compiled", LIGER)  # the "vs ..." columns, in this order
 
 
 def load_function(path: str) -> Callable:
@@ -142,11 +149,13 @@ def run_benchmark(rows_list: list[int], vocab_list: list[int], hidden: int, num_
     if compile_reference:
         # Default dynamism: the second shape recompiles once with dynamic shapes, later shapes reuse that graph.
         methods.append(("compiled", _vocab_path_step(torch.compile(reference_fn))))
-    methods.append(("triton", _vocab_path_step(mlm_and_sample_triton)))
-    methods += [(path.rpartition(":")[2], _vocab_path_step(load_function(path))) for path in extra]
     liger = _liger_step()
     if liger is not None:
-        methods.append(("liger-ce (CE only)", liger))
+        methods.append((LIGER, liger))
+    for layout in LAYOUTS:
+        config = default_config(num_heads, device, layout)
+        methods.append((f"triton {layout}", _vocab_path_step(functools.partial(mlm_and_sample_triton, config=config))))
+    methods += [(path.rpartition(":")[2], _vocab_path_step(load_function(path))) for path in extra]
     rate = matmul_tflops(dtype, device, 8192 if device.type == "cuda" else 512)
     lines: list[str] = []
 
@@ -157,32 +166,34 @@ def run_benchmark(rows_list: list[int], vocab_list: list[int], hidden: int, num_
     emit(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu (interpreter)'}; "
          f"{dtype} matmul {rate:.1f} TFLOP/s; H {hidden}, K {num_heads}; forward + backward; reference {reference}")
     emit("")
-    emit("| N | V | method | ms | peak extra MiB | vs eager | vs floor |")
-    emit("| ---: | ---: | --- | ---: | ---: | ---: | ---: |")
+    emit("| N | V | method | ms | peak extra MiB | vs eager | vs compiled | vs liger-ce | vs floor |")
+    emit("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for rows in rows_list:
         for vocab in vocab_list:
             floor_ms = 2 * rows * hidden * vocab * (3 * num_heads + 1) / (rate * 1e12) * 1e3
-            eager_ms = None
+            baseline_ms: dict[str, float] = {}
             for name, step in methods:
                 inputs = _make_inputs(num_heads, rows, hidden, vocab, dtype, device)
                 try:
                     ms, peak = _measure(step, inputs, warmup, repeats)
                 except torch.cuda.OutOfMemoryError:
-                    emit(f"| {rows} | {vocab} | {name} | OOM | | | |")
+                    emit(f"| {rows} | {vocab} | {name} | OOM | | | | | |")
                     continue
                 except Exception as error:  # a method that fails (say, a compiler error) must not end the table
                     first_line = (str(error).strip().splitlines() or [""])[0][:100].replace("|", "/")
-                    emit(f"| {rows} | {vocab} | {name} | failed: {type(error).__name__}: {first_line} | | | |")
+                    emit(f"| {rows} | {vocab} | {name} | failed: {type(error).__name__}: {first_line} | | | | | |")
                     continue
                 finally:
                     del inputs
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-                eager_ms = ms if name == "eager" else eager_ms
-                speedup = f"{eager_ms / ms:.2f}x" if eager_ms else ""
+                if name in BASELINES:
+                    baseline_ms[name] = ms
+                speedups = " | ".join(f"{baseline_ms[base] / ms:.2f}x" if base in baseline_ms else ""
+                                      for base in BASELINES)
                 peak_text = f"{peak:.0f}" if peak is not None else "n/a"
-                emit(f"| {rows} | {vocab} | {name} | {ms:.2f} | {peak_text} | {speedup} | {ms / floor_ms:.2f}x |")
-            emit(f"| {rows} | {vocab} | matmul floor | {floor_ms:.2f} | | | 1.00x |")
+                emit(f"| {rows} | {vocab} | {name} | {ms:.2f} | {peak_text} | {speedups} | {ms / floor_ms:.2f}x |")
+            emit(f"| {rows} | {vocab} | matmul floor | {floor_ms:.2f} | | | | | 1.00x |")
     return "\n".join(lines)
 
 
