@@ -6,7 +6,8 @@ initialisation, fine-tuned on MR with the same seeds, after pretraining on the s
 
 Both pretraining runs use the real trainer (amos_ds/pretrain.py, one process) on a tokenizer and corpus built from
 DATA/pretrain, with the same steps, batch and sequence length; the ELECTRA-style arm is `single_gen_<d>` (one
-generator of the middle head's depth, no mixture, as the paper's single-generator baselines). Every flag below
+generator of the middle head's depth, no mixture, as the paper's single-generator baselines). On the CPU the two
+runs go side by side, one core each (`--threads` per run); on the GPU one after the other. Every flag below
 overrides the budget's value. Prints one table: MR test accuracy at each seed's best dev epoch, median and spread
 (min-max) over seeds, and each arm against random init; writes results.json and copies each run's plots (Figure 3a:
 mixture_weights.png, Figure 3b: disc_accuracy.png) into WORK/plots/ARM/.
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,12 +32,14 @@ sys.path.insert(0, str(REPO))
 
 BUDGETS = {
     # CPU: the main job's recipe (tiny, 1,200 steps of 32 x 128 tokens, peak lr 2e-3, fp32; ds_configs/cpu.json) on
-    # the shared text; two pretraining runs of up to 15 minutes and 9 fine-tunings.
+    # the shared text; two pretraining runs side by side (about 17 minutes, one core each) and 9 fine-tunings.
     "cpu": dict(preset="tiny", vocab_size=8192, seq_len=128, batch_size=32, pretrain_lr=2e-3, pretrain_steps=1200,
-                pretrain_minutes=15.0, epochs=3, lr=3e-4, max_len=64, device="cpu", threads=1, fp32=True),
+                pretrain_minutes=20.0, epochs=3, lr=3e-4, max_len=64, device="cpu", threads=1, fp32=True,
+                side_by_side=True),
     # GPU: `small` in bf16, 128 x 128 tokens per step; about 80 s per pretraining run on an H100.
     "gpu": dict(preset="small", vocab_size=8192, seq_len=128, batch_size=128, pretrain_lr=1e-3, pretrain_steps=2000,
-                pretrain_minutes=1.5, epochs=3, lr=1e-4, max_len=64, device="cuda", threads=8, fp32=False),
+                pretrain_minutes=1.5, epochs=3, lr=1e-4, max_len=64, device="cuda", threads=8, fp32=False,
+                side_by_side=False),
 }
 
 
@@ -77,7 +81,8 @@ def prepare_corpus(data: Path, work: Path, vocab_size: int) -> Path:
 
 
 def pretrain(args: argparse.Namespace, corpus: Path, run_dir: Path, ablation: str | None) -> None:
-    """Run amos_ds/pretrain.py in one process until --pretrain-steps or the deadline."""
+    """Run amos_ds/pretrain.py in one process until --pretrain-steps or the deadline; its progress lines are printed
+    with the run's name in front."""
     lr, steps = args.pretrain_lr, args.pretrain_steps
     ds_config = {"train_batch_size": args.batch_size, "train_micro_batch_size_per_gpu": args.batch_size,
                  "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.98], "eps": 1e-6,
@@ -102,12 +107,13 @@ def pretrain(args: argparse.Namespace, corpus: Path, run_dir: Path, ablation: st
     for line in process.stdout:  # the trainer logs every 50 steps, so the deadline is checked often enough
         tail.append(line)
         if line.startswith(("step", "training", "stop signal", "error", "Traceback", "summary")):
-            print("  " + line.rstrip()[:160], flush=True)
+            print(f"  {run_dir.name}: {line.rstrip()[:160]}", flush=True)
         if time.monotonic() > deadline and process.poll() is None:
             process.send_signal(signal.SIGTERM)  # the trainer checkpoints and exits 0
             deadline = float("inf")
     if process.wait():
-        sys.exit(f"pretraining failed with exit code {process.returncode}; its last lines:\n{''.join(tail)}")
+        raise RuntimeError(f"pretraining {run_dir.name} failed with exit code {process.returncode}; its last lines:\n"
+                           f"{''.join(tail)}")
 
 
 def spread(values: list[float]) -> str:
@@ -141,7 +147,8 @@ def main() -> None:
     heads = get_preset(args.preset).head_layers
     single = f"single_gen_{heads[len(heads) // 2]}"
     pretrained = {}
-    for arm, ablation in (("AMOS", None), (f"ELECTRA-style ({single})", single)):
+
+    def pretrain_arm(arm: str, ablation: str | None) -> None:
         print(f"pretraining {arm}: {args.preset}, {args.pretrain_steps} steps x {args.batch_size} x {args.seq_len}",
               flush=True)
         arm_started = time.perf_counter()
@@ -151,6 +158,15 @@ def main() -> None:
         step = json.loads((Path(source.description) / "amos_meta.json").read_text())["step"]
         pretrained[arm] = (source, step, (time.perf_counter() - arm_started) / 60, read_summary(run_dir))
         shutil.copytree(run_dir / "plots", work / "plots" / run_dir.name, dirs_exist_ok=True)
+
+    with ThreadPoolExecutor(max_workers=2 if args.side_by_side else 1) as pool:
+        runs = [pool.submit(pretrain_arm, "AMOS", None), pool.submit(pretrain_arm, f"ELECTRA-style ({single})", single)]
+        try:
+            for run in runs:
+                run.result()
+        except RuntimeError as err:
+            sys.exit(str(err))
+    pretrained = {arm: pretrained[arm] for arm in ("AMOS", f"ELECTRA-style ({single})")}  # the table's order
 
     task = load_task(data / "eval" / "mr")
     config = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=32, warmup=0.1, max_len=args.max_len,
@@ -176,6 +192,7 @@ def main() -> None:
         print(f"  {arm}: {step} steps = {step * args.batch_size * args.seq_len / 1e6:.2f}M tokens in {minutes:.1f} "
               f"min; logged steps {summary['first_step']}-{summary['last_step']}: deepest head's MLM "
               f"loss {summary['mlm_loss']:.3f} (unigram entropy {summary['unigram_entropy']:.3f}), discriminator "
+              f"RTD loss {summary['rtd_loss']:.3f} (best constant guess {summary['rtd_loss_constant']:.3f}), "
               f"accuracy on replaced tokens {summary['disc_acc_replaced']:.3f}")
     print(f"fine-tuning: {config.epochs} epochs, lr {config.lr:g}, batch {config.batch_size}, warm-up "
           f"{config.warmup:g}, dropout {config.dropout:g}, max_len {config.max_len}, seeds {config.seeds}\n")

@@ -1,5 +1,7 @@
 """The AMOS model: where each gradient goes, the labels, and what each ablation switch changes."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -233,7 +235,8 @@ def test_head_layer_sets_from_table_9():
 def test_forward_reports_every_metric_and_loss_formula():
     model = build(TINY)
     out = model(*make_batch(TINY), seed=0)
-    expected = {"loss", "mlm_loss", "rtd_loss", "disc_acc_replaced", "disc_acc_original", "replaced_frac",
+    expected = {"loss", "mlm_loss", "rtd_loss", "rtd_loss_constant", "disc_acc_replaced", "disc_acc_original",
+                "replaced_frac",
                 "mlm_loss_L1", "mlm_loss_L2", "mlm_loss_L3", "mix_weight_L1", "mix_weight_L2", "mix_weight_L3"}
     assert set(out.metrics) == expected
     torch.testing.assert_close(out.loss, out.head_losses.sum() + 50.0 * out.rtd_loss)
@@ -335,6 +338,9 @@ def test_metrics_of_a_batch_whose_answer_is_known(rtd_bias):
     expected_loss = F.binary_cross_entropy_with_logits(torch.full_like(targets, rtd_bias), targets)
     torch.testing.assert_close(out.rtd_loss, expected_loss)
     torch.testing.assert_close(out.metrics["rtd_loss"], expected_loss)
+    share = 6 / len(targets)  # of the real tokens, 6 were replaced: the best constant guess says `share` everywhere
+    assert out.metrics["rtd_loss_constant"].item() == pytest.approx(
+        -(share * math.log(share) + (1 - share) * math.log(1 - share)), rel=1e-6)
     says_replaced = float(rtd_bias > 0)
     assert out.metrics["disc_acc_replaced"].item() == says_replaced
     assert out.metrics["disc_acc_original"].item() == 1.0 - says_replaced

@@ -139,10 +139,12 @@ def test_metrics_keep_their_meaning():
     model(**static_inputs(input_ids, attention_mask, labels), seed=2)
     hook.remove()
     predicted = logits[0] > 0
+    share = replaced[real].float().mean()
     on_replaced, on_original = real & replaced, real & ~replaced
     expected = {"disc_acc_replaced": (predicted[on_replaced] == replaced[on_replaced]).float().mean(),
                 "disc_acc_original": (predicted[on_original] == replaced[on_original]).float().mean(),
                 "replaced_frac": replaced[masked].float().mean(),
+                "rtd_loss_constant": F.binary_cross_entropy(share, share),
                 "rtd_loss": F.binary_cross_entropy_with_logits(logits[0][real].float(), replaced[real].float())}
     assert on_replaced.any() and on_original.any()
     for name, value in expected.items():

@@ -36,23 +36,29 @@ def test_unigram_entropy_counts_the_ordinary_tokens_of_every_sample(corpus):
 
 def test_learning_summary_averages_the_last_steps_of_the_deepest_head():
     records = [{"step": s, "mlm_loss_L1": 9.0, "mlm_loss_L3": 7.0 - s / 100, "disc_acc_replaced": s / 40,
-                "disc_acc_original": 0.9} for s in range(1, 21)]
+                "disc_acc_original": 0.9, "rtd_loss": 0.5 - s / 1000, "rtd_loss_constant": 0.42}
+               for s in range(1, 21)]
     summary = learning_summary(records, entropy=7.0)
-    # steps 11..20: mean of 7 - s/100 = 6.845, 0.155 below; replaced accuracy mean of s/40 = 15.5/40 = 0.3875
+    # steps 11..20: mean of 7 - s/100 = 6.845, 0.155 below; replaced accuracy mean of s/40 = 15.5/40 = 0.3875;
+    # RTD loss mean of 0.5 - s/1000 = 0.4845, 0.0645 above 0.42
     assert summary["mlm_loss"] == pytest.approx(6.845) and summary["disc_acc_replaced"] == pytest.approx(0.3875)
+    assert summary["rtd_loss"] == pytest.approx(0.4845) and summary["rtd_loss_constant"] == pytest.approx(0.42)
     assert (summary["first_step"], summary["last_step"], summary["deepest_head"]) == (11, 20, 3)
     mlm, replaced = summary_lines(summary)
     assert mlm == ("summary (steps 11-20): deepest generator head (layer 3) MLM loss 6.845 nats, 0.155 below the "
                    "unigram entropy of the training tokens (7.000)")
-    assert replaced == ("summary (steps 11-20): discriminator accuracy on replaced tokens 0.388, on original "
-                        "tokens 0.900")
+    assert replaced == ("summary (steps 11-20): discriminator RTD loss 0.485, 0.065 above the best constant guess "
+                        "(0.420); accuracy on replaced tokens 0.388, on original tokens 0.900")
+    below = summary_lines(learning_summary([{**r, "rtd_loss_constant": 0.5} for r in records], 7.0))[1]
+    assert "RTD loss 0.485, 0.015 below the best constant guess (0.500)" in below
     above = summary_lines(learning_summary(records, 6.69))[0]
     assert "0.155 above the unigram entropy of the training tokens (6.690)" in above
 
 
 def test_write_summary_keeps_the_numbers_for_the_plot(corpus, tmp_path, capsys):
     records = [{"step": s, "mlm_loss_L3": 5.0, "disc_acc_replaced": 0.5, "disc_acc_original": 0.9, "mlm_loss": 15.0,
-                "rtd_loss": 0.3, "mix_weight_L3": 1.0, "tokens_per_s": 1e3, "mfu": None} for s in range(1, 4)]
+                "rtd_loss": 0.3, "rtd_loss_constant": 0.42, "mix_weight_L3": 1.0, "tokens_per_s": 1e3, "mfu": None}
+               for s in range(1, 4)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     dataset = open_corpora([str(corpus)], seq_len=32, seed=0)
     write_summary(tmp_path, dataset)

@@ -185,7 +185,11 @@ class AMOSModel(nn.Module):
         def accuracy(where: torch.Tensor) -> torch.Tensor:  # 0 where there is nothing to count
             return (correct & where).sum() / where.sum().clamp(min=1)
 
+        # The RTD loss of the best constant guess (the share of replaced tokens): a discriminator below it has learned
+        # something from the context even while its accuracy on replaced tokens, at threshold 0.5, is still 0.
+        share = (real & replaced).sum() / real.sum().clamp(min=1)
         metrics = {"loss": loss, "mlm_loss": mlm_loss, "rtd_loss": rtd_loss,
+                   "rtd_loss_constant": F.binary_cross_entropy(share, share),
                    "disc_acc_replaced": accuracy(real & replaced), "disc_acc_original": accuracy(real & ~replaced),
                    "replaced_frac": is_replaced.float().mean() if is_replaced.numel() else zero}
         gamma = torch.softmax(mix_logits, dim=-1)

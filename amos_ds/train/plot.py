@@ -52,7 +52,10 @@ def plot_run(run_dir: Path | str) -> list[Path]:
         mlm.axhline(summary["unigram_entropy"], color="grey", linestyle=":", label="unigram entropy of the data")
     mlm.set(title="generator MLM loss", xlabel="step", ylabel="cross-entropy")
     mlm.legend()
-    rtd.plot(*_series(records, "rtd_loss"), color="tab:red")
+    rtd.plot(*_series(records, "rtd_loss"), color="tab:red", label="RTD loss")
+    if all("rtd_loss_constant" in record for record in records):  # runs before this metric existed lack it
+        rtd.plot(*_series(records, "rtd_loss_constant"), color="grey", linestyle=":", label="best constant guess")
+        rtd.legend()
     rtd.set(title="discriminator RTD loss", xlabel="step", ylabel="binary cross-entropy")
     save(fig, "losses.png")
 

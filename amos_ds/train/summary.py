@@ -1,8 +1,9 @@
 """The last lines of a run: what it learned, in numbers a user can judge without plots.
 
 The deepest generator head's MLM loss against the unigram entropy of the training tokens (a generator that ignores
-context scores that entropy at best), and the discriminator's accuracy on replaced tokens (0 for one that calls every
-token original), both averaged over the last logged steps.
+context scores that entropy at best); the discriminator's RTD loss against that of the best constant guess (the share
+of replaced tokens: a discriminator that ignores context scores that at best) and its accuracy on replaced tokens
+(0 for one that calls every token original); all averaged over the last logged steps.
 """
 
 import json
@@ -32,7 +33,7 @@ def unigram_entropy(dataset: PackedDataset, max_samples: int = ENTROPY_SAMPLES) 
 
 
 def learning_summary(records: list[dict], entropy: float, last_steps: int = LAST_STEPS) -> dict:
-    """The deepest head's MLM loss and the discriminator's accuracies, averaged over the last steps."""
+    """The deepest head's MLM loss and the discriminator's RTD loss and accuracies, averaged over the last steps."""
     last = records[-last_steps:]
 
     def mean(name: str) -> float:
@@ -41,17 +42,24 @@ def learning_summary(records: list[dict], entropy: float, last_steps: int = LAST
     deepest = max(int(name.removeprefix("mlm_loss_L")) for name in last[-1] if name.startswith("mlm_loss_L"))
     return {"first_step": last[0]["step"], "last_step": last[-1]["step"], "deepest_head": deepest,
             "mlm_loss": mean(f"mlm_loss_L{deepest}"), "unigram_entropy": entropy,
+            "rtd_loss": mean("rtd_loss"), "rtd_loss_constant": mean("rtd_loss_constant"),
             "disc_acc_replaced": mean("disc_acc_replaced"), "disc_acc_original": mean("disc_acc_original")}
 
 
 def summary_lines(summary: dict) -> list[str]:
     where = f"steps {summary['first_step']}-{summary['last_step']}"
     mlm, entropy = summary["mlm_loss"], summary["unigram_entropy"]
-    side = "below" if mlm <= entropy else "above"
+    rtd, constant = summary["rtd_loss"], summary["rtd_loss_constant"]
     return [f"summary ({where}): deepest generator head (layer {summary['deepest_head']}) MLM loss {mlm:.3f} nats, "
-            f"{abs(entropy - mlm):.3f} {side} the unigram entropy of the training tokens ({entropy:.3f})",
-            f"summary ({where}): discriminator accuracy on replaced tokens {summary['disc_acc_replaced']:.3f}, "
-            f"on original tokens {summary['disc_acc_original']:.3f}"]
+            f"{abs(entropy - mlm):.3f} {_side(mlm, entropy)} the unigram entropy of the training tokens "
+            f"({entropy:.3f})",
+            f"summary ({where}): discriminator RTD loss {rtd:.3f}, {abs(constant - rtd):.3f} {_side(rtd, constant)} "
+            f"the best constant guess ({constant:.3f}); accuracy on replaced tokens "
+            f"{summary['disc_acc_replaced']:.3f}, on original tokens {summary['disc_acc_original']:.3f}"]
+
+
+def _side(loss: float, reference: float) -> str:
+    return "below" if loss <= reference else "above"
 
 
 def read_summary(run_dir: Path | str) -> dict | None:
