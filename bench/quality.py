@@ -31,9 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 BUDGETS = {
-    # CPU: the main job's recipe (tiny, 1,200 steps of 32 x 128 tokens, peak lr 2e-3, fp32; ds_configs/cpu.json) on
+    # CPU: the main job's recipe (tiny, 900 steps of 32 x 128 tokens, peak lr 2e-3, fp32; ds_configs/cpu.json) on
     # the shared text; two pretraining runs side by side (about 17 minutes, one core each) and 9 fine-tunings.
-    "cpu": dict(preset="tiny", vocab_size=8192, seq_len=128, batch_size=32, pretrain_lr=2e-3, pretrain_steps=1200,
+    "cpu": dict(preset="tiny", vocab_size=8192, seq_len=128, batch_size=32, pretrain_lr=2e-3, pretrain_steps=900,
                 pretrain_minutes=20.0, epochs=3, lr=3e-4, max_len=64, device="cpu", threads=1, fp32=True,
                 side_by_side=True),
     # GPU: `small` in bf16, 128 x 128 tokens per step; about 80 s per pretraining run on an H100.
