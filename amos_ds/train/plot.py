@@ -70,7 +70,7 @@ def plot_run(run_dir: Path | str) -> list[Path]:
     ax.plot(*_series(records, "disc_acc_replaced"), label="replaced tokens")
     ax.plot(*_series(records, "disc_acc_original"), label="original tokens", linestyle="--")
     ax.set(title="discriminator accuracy (Fig. 3b)", xlabel="step", ylabel="accuracy", ylim=(0, 1))
-    ax.legend()
+    ax.legend(loc="center right")  # clear of the curves near 0 and 1
     save(fig, "disc_accuracy.png")
 
     fig, (speed, mfu) = plt.subplots(1, 2, figsize=(11, 4))
