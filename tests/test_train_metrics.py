@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_on_two_ranks
 from deepspeed.monitor.config import get_monitor_config
 from deepspeed.monitor.csv_monitor import csvMonitor
 
@@ -22,6 +23,11 @@ RECORD = {"step": 7, "loss": 12.34567, "mlm_loss": 9.87654, "rtd_loss": 0.123456
 def test_average_over_ranks_divides_the_sums_by_the_micro_batches(one_process_group):
     sums = {"rtd_loss": torch.tensor(1.5, dtype=torch.float64), "loss": torch.tensor(6.0)}
     assert average_over_ranks(sums, 3) == {"loss": 2.0, "rtd_loss": 0.5}
+
+
+def test_average_over_ranks_is_the_mean_over_the_micro_batches_of_every_rank(tmp_path):
+    sums = [({"loss": torch.tensor(3.0)}, 3), ({"loss": torch.tensor(9.0)}, 3)]  # rank 0, rank 1: 3 micro-batches each
+    assert [average for average, _ in run_on_two_ranks(average_over_ranks, sums, tmp_path)] == [{"loss": 2.0}] * 2
 
 
 def test_console_line_shows_what_the_paper_plots():
