@@ -79,6 +79,10 @@ def test_a_truncated_or_missing_file_is_named(tmp_path):
     assert checkpoint.verify_checkpoint(path) == f"{model} has 10 bytes, {size} were saved (truncated or overwritten)"
     model.unlink()
     assert checkpoint.verify_checkpoint(path) == f"{model} is missing"
+    meta = path / checkpoint.META
+    meta.write_text("")  # emptied, as by a disk that filled up after the save
+    assert checkpoint.verify_checkpoint(path) == f"{meta} is not readable JSON (Expecting value: line 1 column 1 " \
+                                                 "(char 0))"
 
 
 def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
