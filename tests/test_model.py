@@ -306,13 +306,14 @@ def test_padding_changes_no_output_at_real_positions():
         rtd_losses = torch.stack([single.rtd_loss for single, _ in alone])
         torch.testing.assert_close(out.rtd_loss, (rtd_losses * real).sum() / real.sum(), rtol=1e-5, atol=0)
 
-    # The MLM losses (mean over masked positions) do not depend on the samples: compare them without the bias.
-    model = build(TINY)
+    # The MLM losses (mean over masked positions) do not depend on the samples: compare them without the bias, with
+    # the shared generator and with the separate generators of the ablation.
     masked = torch.tensor([float((labels != IGNORE_INDEX).sum()) for _, labels in rows])
-    alone = torch.stack([model(*unpadded(row), seed=0).head_losses for row in rows])
-    for filler in (torch.full((32,), PAD_ID), torch.randint(5, TINY.vocab_size, (32,))):
-        batched = model(*pad_rows(rows, 32, filler), seed=0).head_losses
-        torch.testing.assert_close(batched, (alone * masked[:, None]).sum(0) / masked.sum(), rtol=1e-5, atol=0)
+    for model in (build(TINY), build(with_ablation(TINY, "separate_generators"))):
+        alone = torch.stack([model(*unpadded(row), seed=0).head_losses for row in rows])
+        for filler in (torch.full((32,), PAD_ID), torch.randint(5, TINY.vocab_size, (32,))):
+            batched = model(*pad_rows(rows, 32, filler), seed=0).head_losses
+            torch.testing.assert_close(batched, (alone * masked[:, None]).sum(0) / masked.sum(), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("rtd_bias", [3.0, -3.0])
