@@ -289,6 +289,18 @@ def rtd_logits_of(model, batch, seed):
     return out, captured[0].reshape(batch[0].shape).detach()
 
 
+def test_initialisation_layer_norms_and_generator_dropout_follow_the_config():
+    config = TINY.replace(layer_norm_eps=1e-3, dropout=0.1, attention_dropout=0.1)
+    model = build(config)
+    assert abs(model.token_embedding.std().item() - config.init_std) < 0.1 * config.init_std
+    assert {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-3}
+    input_ids = torch.randint(5, config.vocab_size, (2, 16))
+    for shared_or_separate in (model, build(with_ablation(config, "separate_generators"))):
+        trained = shared_or_separate.train().generator_features(input_ids, None)
+        for got, want in zip(trained, shared_or_separate.eval().generator_features(input_ids, None), strict=True):
+            torch.testing.assert_close(got, want)  # the generators have no dropout (the discriminator has)
+
+
 def test_padding_changes_no_output_at_real_positions():
     """A padded batch gives each sequence the MLM losses, RTD logits and RTD loss it gets alone, unpadded, whatever
     the padded positions hold: padding is masked out of attention and out of the losses."""
