@@ -2,13 +2,17 @@
 one-rank process group for the parts of the trainer that talk to their peers; a short real pretraining run."""
 
 import atexit
+import contextlib
+import datetime
 import glob
 import json
 import os
+import pickle
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -68,6 +72,27 @@ def one_process_group(tmp_path_factory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def run_on_two_ranks(function: Callable[..., Any], args_per_rank: list[tuple], folder: Path) -> list[tuple[Any, str]]:
+    """function(*args_per_rank[rank]) in two spawned processes joined in a two-rank gloo group (a file store in
+    `folder`, no port): what each rank returned and what it wrote on sys.stderr, rank 0 first. `function` and the
+    arguments must be picklable (a module-level function)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.multiprocessing.spawn(_run_as_rank, args=(function, args_per_rank, folder), nprocs=2)
+    return [(pickle.loads((folder / f"rank_{rank}.pkl").read_bytes()), (folder / f"rank_{rank}.err").read_text())
+            for rank in (0, 1)]
+
+
+def _run_as_rank(rank: int, function: Callable[..., Any], args_per_rank: list[tuple], folder: Path) -> None:
+    # A collective that one rank skips fails after a minute instead of hanging the test.
+    dist.init_process_group("gloo", init_method=f"file://{folder / 'store'}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    with open(folder / f"rank_{rank}.err", "w") as err, contextlib.redirect_stderr(err):
+        result = function(*args_per_rank[rank])
+    dist.destroy_process_group()
+    (folder / f"rank_{rank}.pkl").write_bytes(pickle.dumps(result))
+    os._exit(0)  # gloo sometimes aborts at interpreter exit after all work is done (ENVIRONMENT.md)
 
 
 @pytest.fixture

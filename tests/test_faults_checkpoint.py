@@ -15,7 +15,7 @@ from pathlib import Path
 import deepspeed
 import pytest
 import torch
-from conftest import subprocess_env
+from conftest import run_on_two_ranks, subprocess_env
 from test_train_run import REPO, command, corpus, metrics, run, write_configs  # noqa: F401 (corpus: a fixture)
 
 from amos_ds.train import checkpoint
@@ -59,6 +59,17 @@ def test_a_corrupted_file_falls_back_with_a_warning_naming_it(tmp_path, capsys):
                                        "was saved (corrupted); falling back to the previous complete checkpoint\n")
 
 
+def test_two_ranks_share_the_hashing_and_rank_0_alone_warns(tmp_path):
+    hashed_checkpoint(tmp_path, 100)
+    newest = hashed_checkpoint(tmp_path, 200)
+    bad = newest / "zero_pp_rank_0_mp_rank_00_optim_states.pt"  # the second file: rank 1 hashes it
+    flip_one_byte(bad)
+    ranks = run_on_two_ranks(checkpoint.find_resume, [(tmp_path, "auto")] * 2, tmp_path / "ranks")
+    assert [(point.step, warning) for point, warning in ranks] == [
+        (100, f"warning: --resume auto: {bad} does not match the SHA-256 recorded when it was saved (corrupted); "
+              "falling back to the previous complete checkpoint\n"), (100, "")]
+
+
 def test_a_truncated_or_missing_file_is_named(tmp_path):
     path = hashed_checkpoint(tmp_path, 100)
     model = path / "mp_rank_00_model_states.pt"
@@ -68,6 +79,10 @@ def test_a_truncated_or_missing_file_is_named(tmp_path):
     assert checkpoint.verify_checkpoint(path) == f"{model} has 10 bytes, {size} were saved (truncated or overwritten)"
     model.unlink()
     assert checkpoint.verify_checkpoint(path) == f"{model} is missing"
+    meta = path / checkpoint.META
+    meta.write_text("")  # emptied, as by a disk that filled up after the save
+    assert checkpoint.verify_checkpoint(path) == f"{meta} is not readable JSON (Expecting value: line 1 column 1 " \
+                                                 "(char 0))"
 
 
 def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(tmp_path):

@@ -289,6 +289,18 @@ def rtd_logits_of(model, batch, seed):
     return out, captured[0].reshape(batch[0].shape).detach()
 
 
+def test_initialisation_layer_norms_and_generator_dropout_follow_the_config():
+    config = TINY.replace(layer_norm_eps=1e-3, dropout=0.1, attention_dropout=0.1)
+    model = build(config)
+    assert abs(model.token_embedding.std().item() - config.init_std) < 0.1 * config.init_std
+    assert {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-3}
+    input_ids = torch.randint(5, config.vocab_size, (2, 16))
+    for shared_or_separate in (model, build(with_ablation(config, "separate_generators"))):
+        trained = shared_or_separate.train().generator_features(input_ids, None)
+        for got, want in zip(trained, shared_or_separate.eval().generator_features(input_ids, None), strict=True):
+            torch.testing.assert_close(got, want)  # the generators have no dropout (the discriminator has)
+
+
 def test_padding_changes_no_output_at_real_positions():
     """A padded batch gives each sequence the MLM losses, RTD logits and RTD loss it gets alone, unpadded, whatever
     the padded positions hold: padding is masked out of attention and out of the losses."""
@@ -306,13 +318,14 @@ def test_padding_changes_no_output_at_real_positions():
         rtd_losses = torch.stack([single.rtd_loss for single, _ in alone])
         torch.testing.assert_close(out.rtd_loss, (rtd_losses * real).sum() / real.sum(), rtol=1e-5, atol=0)
 
-    # The MLM losses (mean over masked positions) do not depend on the samples: compare them without the bias.
-    model = build(TINY)
+    # The MLM losses (mean over masked positions) do not depend on the samples: compare them without the bias, with
+    # the shared generator and with the separate generators of the ablation.
     masked = torch.tensor([float((labels != IGNORE_INDEX).sum()) for _, labels in rows])
-    alone = torch.stack([model(*unpadded(row), seed=0).head_losses for row in rows])
-    for filler in (torch.full((32,), PAD_ID), torch.randint(5, TINY.vocab_size, (32,))):
-        batched = model(*pad_rows(rows, 32, filler), seed=0).head_losses
-        torch.testing.assert_close(batched, (alone * masked[:, None]).sum(0) / masked.sum(), rtol=1e-5, atol=0)
+    for model in (build(TINY), build(with_ablation(TINY, "separate_generators"))):
+        alone = torch.stack([model(*unpadded(row), seed=0).head_losses for row in rows])
+        for filler in (torch.full((32,), PAD_ID), torch.randint(5, TINY.vocab_size, (32,))):
+            batched = model(*pad_rows(rows, 32, filler), seed=0).head_losses
+            torch.testing.assert_close(batched, (alone * masked[:, None]).sum(0) / masked.sum(), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("rtd_bias", [3.0, -3.0])

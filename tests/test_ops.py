@@ -224,3 +224,8 @@ def test_triton_without_the_kernel_package_is_a_clear_error(monkeypatch):
     with pytest.raises(RuntimeError, match=r"impl='triton' needs the amos_kernels package and Triton: "):
         ops.mlm_and_sample(*tensors, targets, 0.3, 0, impl="triton")
     assert not ops.triton_available()
+
+
+def test_triton_is_available_exactly_where_there_is_cuda():
+    """amos_kernels is installed with the project: only CUDA tensors are missing on a CPU-only machine."""
+    assert ops.triton_available() == torch.cuda.is_available()

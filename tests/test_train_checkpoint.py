@@ -117,12 +117,18 @@ def test_restore_rng_takes_this_ranks_state_or_seeds_at_another_world_size(one_p
     assert resumed == draws() != expected
 
 
-def test_code_version_names_the_commit(tmp_path):
+def test_code_version_names_the_commit(tmp_path, monkeypatch):
     root = Path(amos_ds.__file__).resolve().parents[1]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    monkeypatch.chdir(tmp_path)  # the checkout's commit, whatever the working directory (amos-ds launch's ssh)
     version = code_version()
     assert re.fullmatch(rf"{re.escape(amos_ds.__version__)}\+[0-9a-f]{{12}}(-dirty)?", version), version
     assert version.split("+")[1].startswith(commit[:12])
+
+
+def test_code_version_without_git_is_the_package_version(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # an installed copy on a node without git
+    assert code_version() == amos_ds.__version__
 
 
 def linear_engine(**config):

@@ -1,11 +1,14 @@
 """What a run reports each step: the averages over micro-batches and ranks, metrics.jsonl (kept consistent with the
 checkpoint a run resumes from), monitor events, the console line and the memory figure."""
 
+import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_on_two_ranks
 from deepspeed.monitor.config import get_monitor_config
 from deepspeed.monitor.csv_monitor import csvMonitor
 
@@ -20,6 +23,11 @@ RECORD = {"step": 7, "loss": 12.34567, "mlm_loss": 9.87654, "rtd_loss": 0.123456
 def test_average_over_ranks_divides_the_sums_by_the_micro_batches(one_process_group):
     sums = {"rtd_loss": torch.tensor(1.5, dtype=torch.float64), "loss": torch.tensor(6.0)}
     assert average_over_ranks(sums, 3) == {"loss": 2.0, "rtd_loss": 0.5}
+
+
+def test_average_over_ranks_is_the_mean_over_the_micro_batches_of_every_rank(tmp_path):
+    sums = [({"loss": torch.tensor(3.0)}, 3), ({"loss": torch.tensor(9.0)}, 3)]  # rank 0, rank 1: 3 micro-batches each
+    assert [average for average, _ in run_on_two_ranks(average_over_ranks, sums, tmp_path)] == [{"loss": 2.0}] * 2
 
 
 def test_console_line_shows_what_the_paper_plots():
@@ -49,6 +57,28 @@ def test_log_writes_records_and_monitor_events_and_a_resume_drops_later_steps(on
     log.log({**RECORD, "step": 3, "loss": 30.0}, max_steps=3)
     log.close()
     assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def unread(read_end: int) -> str:
+    """What has reached a non-blocking pipe so far."""
+    try:
+        return os.read(read_end, 4096).decode()
+    except BlockingIOError:
+        return ""
+
+
+def test_each_steps_line_reaches_a_piped_stdout_at_once(tmp_path, monkeypatch):
+    """A launched run's stdout is a pipe, which Python buffers by blocks: the line is flushed at each step."""
+    log = MetricsLog(tmp_path, csvMonitor(get_monitor_config({}).csv_monitor), resume_step=0, enabled=True)
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    with open(write_end, "w") as pipe, monkeypatch.context() as patch:
+        assert not pipe.line_buffering
+        patch.setattr(sys, "stdout", pipe)
+        log.log(RECORD, max_steps=10)
+        assert unread(read_end) == console_line(RECORD, 10) + "\n"
+    os.close(read_end)
+    log.close()
 
 
 def test_other_ranks_write_nothing(tmp_path, capsys):

@@ -92,6 +92,7 @@ class _ChunkedVocabPath(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_losses, _grad_ids, grad_sampled):
+        # grad_sampled is never None: autograd passes zeros for an output the loss does not use (materialize_grads).
         head_states, gamma, embedding, bias, targets, sampled_ids = ctx.saved_tensors
         tau, seed, grad_scale, adv_logit_scale, chunk_rows, mix_dtype = ctx.settings
         num_heads, num_rows, _ = head_states.shape
@@ -100,8 +101,6 @@ class _ChunkedVocabPath(torch.autograd.Function):
         grad_embedding = torch.zeros(embedding.shape, dtype=torch.float32, device=embedding.device)
         grad_bias = torch.zeros(vocab_size, dtype=torch.float32, device=bias.device)
         grad_gamma = torch.zeros_like(gamma)
-        if grad_sampled is None:
-            grad_sampled = torch.zeros(num_rows, embedding.shape[1], dtype=embedding.dtype, device=embedding.device)
         loss_scale = (grad_losses.float() / num_rows).view(num_heads, 1, 1)
         for start in range(0, num_rows, chunk_rows):
             rows = slice(start, min(start + chunk_rows, num_rows))
