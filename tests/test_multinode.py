@@ -18,6 +18,7 @@ from test_train_run import (  # noqa: F401
     cleanup,
     complete_steps,
     corpus,
+    finish,
     logged_steps,
     metrics,
     wait_until,
@@ -122,10 +123,7 @@ def test_two_nodes_train_lose_one_and_resume_on_the_other(tmp_path, corpus, ssh_
         run_dir)
 
     job = launch(tmp_path / "one", ["--master-addr", "amos-node1", "--master-port", str(port)], flags)
-    try:
-        output, _ = job.communicate(timeout=300)
-    finally:
-        cleanup(job, port)
+    output = finish(job, port, timeout=300)
     assert job.returncode == 0, output[-4000:]
     assert "(universal checkpoint)" in output
     records = metrics(run_dir)
