@@ -59,6 +59,20 @@ def test_a_corrupted_file_falls_back_with_a_warning_naming_it(tmp_path, capsys):
                                        "was saved (corrupted); falling back to the previous complete checkpoint\n")
 
 
+def test_one_process_without_a_group_hashes_every_file(tmp_path, monkeypatch, capsys):
+    # Whether this session already holds a process group depends on the tests before it; pin the no-group case.
+    monkeypatch.setattr(checkpoint.dist, "is_initialized", lambda: False)
+    hashed_checkpoint(tmp_path, 100)
+    newest = hashed_checkpoint(tmp_path, 200)
+    for bad in sorted(newest.glob("*.pt")):  # the first and the second file in hashing order
+        data = bad.read_bytes()
+        flip_one_byte(bad)
+        assert checkpoint.find_resume(tmp_path, "auto").step == 100
+        assert f"{bad} does not match the SHA-256" in capsys.readouterr().err
+        bad.write_bytes(data)
+    assert checkpoint.find_resume(tmp_path, "auto").step == 200
+
+
 def test_two_ranks_share_the_hashing_and_rank_0_alone_warns(tmp_path):
     hashed_checkpoint(tmp_path, 100)
     newest = hashed_checkpoint(tmp_path, 200)
