@@ -107,7 +107,15 @@ def test_empty_corpus(tokenizer, tmp_path):
     (tmp_path / "blank.txt").write_text("\n  \n\n")
     with pytest.raises(DataError, match=r"blank.txt: no text found; point --input at non-empty text files"):
         preprocess([str(tmp_path / "blank.txt")], str(tokenizer.directory), str(tmp_path / "out"), progress=False)
-    assert not list((tmp_path / "out").glob("shard-*")) and not (tmp_path / "out" / "manifest.json").exists()
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "blank.txt").write_text("Some text at last.\n")  # the input fixed, the same command works
+    assert preprocess([str(tmp_path / "blank.txt")], str(tokenizer.directory), str(tmp_path / "out"),
+                      progress=False)["documents"] == 1
+    (tmp_path / "kept").mkdir()  # a folder the user made is kept, empty
+    (tmp_path / "blank.txt").write_text("\n")
+    with pytest.raises(DataError, match=r"no text found"):
+        preprocess([str(tmp_path / "blank.txt")], str(tokenizer.directory), str(tmp_path / "kept"), progress=False)
+    assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir())
 
 
 def test_full_disk_leaves_no_shard(tokenizer, corpus_file, tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ import errno
 import json
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import time
 from collections import deque
@@ -142,6 +143,7 @@ def preprocess(inputs: list[str], tokenizer_dir: str, output: str, workers: int 
         raise DataError(f"{out}: holds shards of other inputs, tokenizer or settings; use a new --output or delete it")
     if out.exists() and not (out / PLAN).exists() and any(out.iterdir()):
         raise DataError(f"{out}: exists and is not an amos-ds shard folder; use a new --output")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / PLAN, plan)
@@ -200,8 +202,11 @@ def preprocess(inputs: list[str], tokenizer_dir: str, output: str, workers: int 
         if writer is not None:
             writer.abort()
     report.update(stats, total_tokens, final=True)
-    if batch_number < 0:
+    if batch_number < 0:  # leave nothing, so that the same --output takes the fixed input
         (out / PLAN).unlink(missing_ok=True)
+        shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
+        if created:
+            out.rmdir()
         raise DataError(f"{', '.join(map(str, files))}: no text found; point --input at non-empty text files")
     shard_list = [shards[number] for number in sorted(shards)]
     stray = {p.stem for p in out.glob("shard-*.idx")} - {s["name"] for s in shard_list}
