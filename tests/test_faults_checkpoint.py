@@ -49,7 +49,8 @@ def test_intact_checkpoints_verify(tmp_path):
     assert checkpoint.find_resume(tmp_path, "auto").step == 100
 
 
-def test_a_corrupted_file_falls_back_with_a_warning_naming_it(tmp_path, capsys):
+def test_a_corrupted_file_falls_back_with_a_warning_naming_it(tmp_path, capsys, one_process_group):
+    # In a process group of one, as pretrain.py has: rank 0 warns (the case without a group is the next test).
     hashed_checkpoint(tmp_path, 100)
     newest = hashed_checkpoint(tmp_path, 200)
     bad = newest / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -60,7 +61,7 @@ def test_a_corrupted_file_falls_back_with_a_warning_naming_it(tmp_path, capsys):
 
 
 def test_one_process_without_a_group_hashes_every_file(tmp_path, monkeypatch, capsys):
-    # Whether this session already holds a process group depends on the tests before it; pin the no-group case.
+    # Whether this session already holds a process group depends on the tests before it: pin the case without one.
     monkeypatch.setattr(checkpoint.dist, "is_initialized", lambda: False)
     hashed_checkpoint(tmp_path, 100)
     newest = hashed_checkpoint(tmp_path, 200)
