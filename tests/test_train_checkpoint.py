@@ -5,6 +5,7 @@ import json
 import random
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -142,7 +143,7 @@ def linear_engine(**config):
     return deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)[0]
 
 
-def test_save_resume_and_universal_conversion_with_a_real_engine(one_process_group, tmp_path, monkeypatch):
+def test_save_resume_and_universal_conversion_with_a_real_engine(one_process_group, tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("LOCAL_RANK", "0")  # what a launcher sets, and DeepSpeed's engine asks for
     trained = linear_engine()
     info = {"world_size": 1, "zero_stage": 1, "tokenizer_hash": "abc", "model": MODEL}
@@ -170,11 +171,29 @@ def test_save_resume_and_universal_conversion_with_a_real_engine(one_process_gro
     assert torch.equal(rng["torch"], saved_rng["torch"]) and rng["python"] == saved_rng["python"]
     assert resumed.global_steps == 3 and torch.equal(resumed.module.weight, trained.module.weight)
 
-    # Another world size or ZeRO stage: converted once to DeepSpeed's universal format, then loaded from it.
+    # Another world size or ZeRO stage: converted once to DeepSpeed's universal format, then loaded from it. A
+    # conversion cut short earlier left a partial folder: it is started afresh.
+    (path / "universal.partial").mkdir()
+    (path / "universal.partial" / "stale").write_text("from a conversion cut short")
+    capfd.readouterr()
     checkpoint.prepare_universal(point)
+    command = (f"{sys.executable} -m deepspeed.checkpoint.ds_to_universal --input_folder {path} --output_folder "
+               f"{path / 'universal.partial'} --inject_missing_state")
+    assert capfd.readouterr().out == f"converting {path} for world size 1: {command}\n"  # the converter's is kept
     assert (path / "universal").is_dir() and not (path / "universal.partial").exists()
-    assert not (path / "latest_universal").exists()
+    assert not (path / "latest_universal").exists() and not (path / "universal" / "stale").exists()
+    checkpoint.prepare_universal(point)  # converted once, reused
+    assert capfd.readouterr().out == ""
     universal = linear_engine(checkpoint={"load_universal": True})
     checkpoint.load_checkpoint(universal, point, universal=True)
     assert torch.equal(universal.module.weight, trained.module.weight)
+
+
+def test_a_failed_universal_conversion_is_one_error_with_the_converters_last_line(one_process_group, tmp_path):
+    path = fake_checkpoint(tmp_path, 5)  # amos_meta.json but no DeepSpeed files: DeepSpeed's converter fails
+    with pytest.raises(RuntimeError) as raised:
+        checkpoint.prepare_universal(checkpoint.ResumePoint(path, json.loads((path / checkpoint.META).read_text())))
+    assert str(raised.value) == (f"converting {path} to a universal checkpoint failed: FileNotFoundError: can't find "
+                                 f"*_optim_states.pt files in directory '{path}'")
+    assert not (path / "universal").exists()
 
