@@ -1,9 +1,13 @@
-"""Checkpoint bookkeeping without a model: completeness, `--resume` lookup, keep-last-K, compatibility checks, RNG
-states and the code version a checkpoint records."""
+"""Checkpoint bookkeeping: completeness, `--resume` lookup, keep-last-K, compatibility checks, RNG states and the code
+version a checkpoint records; then saving, resuming, the universal conversion and failed saves with a real DeepSpeed
+engine around a linear layer."""
 
+import errno
 import json
 import random
 import re
+import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -197,3 +201,47 @@ def test_a_failed_universal_conversion_is_one_error_with_the_converters_last_lin
                                  f"*_optim_states.pt files in directory '{path}'")
     assert not (path / "universal").exists()
 
+
+def test_a_failed_save_marks_nothing_and_names_what_is_intact(tmp_path, one_process_group, monkeypatch):
+    """In this process: an fsync that fails after DeepSpeed has written everything (EIO), then torch.save refused
+    by RLIMIT_FSIZE (as a full disk refuses it); between them a save over the failed one's leftover folder."""
+    monkeypatch.setenv("LOCAL_RANK", "0")  # what a launcher sets, and DeepSpeed's engine asks for
+    engine = linear_engine()
+    info = {"world_size": 1, "zero_stage": 1}
+    checkpoints = tmp_path / "checkpoints"
+    first = checkpoints / "step_00000001"
+    model_file = first / "mp_rank_00_model_states.pt"
+
+    def fsync_failing_on_the_model_file(file: Path) -> None:
+        if file.name == model_file.name:
+            raise OSError(errno.EIO, "Input/output error", str(file))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "_fsync", fsync_failing_on_the_model_file)
+        with pytest.raises(checkpoint.CheckpointError) as raised:
+            checkpoint.save_checkpoint(engine, tmp_path, 1, info, {}, keep_last=2)
+    assert str(raised.value) == (f"saving checkpoint {first} failed: {model_file}: Input/output error; the previous "
+                                 "complete checkpoint (none) is intact: free space or fix the disk, then resume with "
+                                 "--resume auto")
+    assert model_file.exists() and not (first / checkpoint.META).exists()  # written, never marked complete
+    assert not (checkpoints / "latest").exists()
+
+    (first / "stale").write_text("from the failed save")
+    checkpoint.save_checkpoint(engine, tmp_path, 1, info, {}, keep_last=2)
+    assert sorted(json.loads((first / checkpoint.META).read_text())[checkpoint.FILES]) == [
+        "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]  # the leftover was removed
+
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limits[1]))  # a write past 4 KiB fails (EFBIG), no signal
+    try:
+        with pytest.raises(checkpoint.CheckpointError) as raised:
+            checkpoint.save_checkpoint(engine, tmp_path, 2, info, {}, keep_last=2)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    second = checkpoints / "step_00000002"
+    assert re.fullmatch(rf"saving checkpoint {second} failed: {second}: a write failed \(\[enforce fail at [^\n]+\); "
+                        rf"the previous complete checkpoint \({first}\) is intact: free space or fix the disk, then "
+                        r"resume with --resume auto", str(raised.value)), raised.value
+    assert (checkpoints / "latest").read_text() == first.name
+    assert checkpoint.find_resume(tmp_path, "auto").path == first
