@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from amos_ds.config import get_preset
 from amos_ds.model import AMOSModel, relative_position_bucket
-from amos_ds.model.encoder import Encoder
+from amos_ds.model.encoder import Encoder, FlexBias
 from amos_ds.pretrain import model_inputs, should_compile
 from amos_ds.vocab import IGNORE_INDEX, MASK_ID, PAD_ID
 
@@ -75,6 +75,7 @@ def test_attention_equals_explicit_softmax_with_relative_bias(impl, padded):
     token_embeds = torch.randn(*input_ids.shape, config.hidden_size, dtype=dtype, device=device)
     mask = attention_mask if padded else None
     expected = reference_encoder(encoder, token_embeds, mask)
+    assert isinstance(encoder.embeddings(token_embeds, mask)[1], FlexBias) == (impl == "flex")  # the path asked for
     backward = impl == "sdpa" or CUDA
     with torch.set_grad_enabled(backward):
         got = encoder(token_embeds, mask)[-1]
@@ -91,8 +92,9 @@ def test_attention_equals_explicit_softmax_with_relative_bias(impl, padded):
         torch.testing.assert_close(g, e, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("padded", [False, True])
-def test_sdpa_gets_a_contiguous_bias_and_no_per_batch_mask_without_padding(monkeypatch, padded):
+def test_sdpa_gets_a_contiguous_bias_and_no_per_batch_mask_without_padding(monkeypatch, padded, dtype):
     seen = []
     sdpa = F.scaled_dot_product_attention
 
@@ -101,11 +103,12 @@ def test_sdpa_gets_a_contiguous_bias_and_no_per_batch_mask_without_padding(monke
         return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    model = AMOSModel(TINY)
+    model = AMOSModel(TINY).to(dtype)
     model(**static_inputs(*make_batch(TINY, padded)), seed=1)
     assert len(seen) == TINY.gen_layers + TINY.disc_layers
     for mask in seen:
-        assert mask.stride(-1) == 1 and mask.is_contiguous()  # what PyTorch's fused CUDA kernels require
+        # What PyTorch's fused CUDA kernels require: contiguous, and in the queries' dtype.
+        assert mask.stride(-1) == 1 and mask.is_contiguous() and mask.dtype == dtype
         assert mask.shape[0] == (3 if padded else 1)  # one [1, heads, T, T] bias shared by the batch
 
 
