@@ -103,8 +103,11 @@ def test_a_truncated_or_missing_file_is_named(tmp_path):
 def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     for step in (100, 200):
         flip_one_byte(hashed_checkpoint(tmp_path, step) / "mp_rank_00_model_states.pt")
-    with pytest.raises(ConfigError, match="none of the 2 complete checkpoints .* matches its recorded hashes"):
+    with pytest.raises(ConfigError) as raised:
         checkpoint.find_resume(tmp_path, "auto")
+    assert str(raised.value) == (f"--resume auto: none of the 2 complete checkpoints in {tmp_path / 'checkpoints'} "
+                                 "matches its recorded hashes (see the warnings above); restore one, or start another "
+                                 "--run-dir with --resume none")
 
 
 def test_an_explicit_corrupted_checkpoint_is_refused(tmp_path):

@@ -202,6 +202,16 @@ def test_a_failed_universal_conversion_is_one_error_with_the_converters_last_lin
     assert not (path / "universal").exists()
 
 
+def test_each_rank_hashes_its_own_zero_files_and_rank_0_the_rest(tmp_path):
+    names = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+             "zero_pp_rank_1_mp_rank_00_optim_states.pt", "zero_pp_rank_10_mp_rank_00_optim_states.pt"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    assert sorted(f.name for f in checkpoint._files_written_by(tmp_path, 0)) == names[:2]
+    assert [f.name for f in checkpoint._files_written_by(tmp_path, 1)] == [names[2]]
+    assert [f.name for f in checkpoint._files_written_by(tmp_path, 10)] == [names[3]]
+
+
 def test_a_failed_save_marks_nothing_and_names_what_is_intact(tmp_path, one_process_group, monkeypatch):
     """In this process: an fsync that fails after DeepSpeed has written everything (EIO), then torch.save refused
     by RLIMIT_FSIZE (as a full disk refuses it); between them a save over the failed one's leftover folder."""
