@@ -206,16 +206,22 @@ def test_adversarial_logit_gradient_is_scaled():
 
 
 def test_dispatch_and_shape_errors():
-    tensors, targets, _ = random_inputs(num_rows=4)
-    assert ops.resolve_impl("auto", torch.device("cpu"), 1000) == "torch"
+    tensors, targets, grad_sampled = random_inputs(num_rows=4)
+    assert ops.resolve_impl("auto", torch.device("cpu"), ops.AUTO_TORCH_MAX_LOGITS) == "torch"
     assert ops.resolve_impl("auto", torch.device("cpu"), ops.AUTO_TORCH_MAX_LOGITS + 1) == "chunked"
+    # The defaults: the paper's reversed gradient (-1), no +adv MLM scale, and the implementation chosen by size.
+    defaults = run(ops.mlm_and_sample, tensors, targets, grad_sampled)
+    explicit = run(mlm_and_sample_torch, tensors, targets, grad_sampled, grad_scale=-1.0, adv_logit_scale=0.0)
+    torch.testing.assert_close(defaults, explicit, rtol=0, atol=0)
     with pytest.raises(ValueError, match="impl must be one of"):
         ops.mlm_and_sample(*tensors, targets, 0.3, 0, impl="fast")
     with pytest.raises(ValueError, match="inconsistent shapes"):
         ops.mlm_and_sample(*tensors, targets[:3], 0.3, 0)
     states, mix_logits, _, _ = tensors
-    with pytest.raises(RuntimeError, match="embedding is empty"):
+    with pytest.raises(RuntimeError) as raised:
         ops.mlm_and_sample(states, mix_logits, torch.empty(0), torch.empty(0), targets, 0.3, 0)
+    assert str(raised.value) == ("mlm_and_sample: the embedding is empty, as a ZeRO-3 partitioned parameter is outside "
+                                 "its owner's forward; gather it (call from the owning module, or GatheredParameters)")
 
 
 def test_triton_without_the_kernel_package_is_a_clear_error(monkeypatch):
