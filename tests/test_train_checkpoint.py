@@ -4,6 +4,7 @@ engine around a linear layer."""
 
 import errno
 import json
+import os
 import random
 import re
 import resource
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_train_metrics import unread
 
 import amos_ds
 from amos_ds.train import checkpoint
@@ -193,12 +195,20 @@ def test_save_resume_and_universal_conversion_with_a_real_engine(one_process_gro
     assert torch.equal(universal.module.weight, trained.module.weight)
 
 
-def test_a_failed_universal_conversion_is_one_error_with_the_converters_last_line(one_process_group, tmp_path):
+def test_a_failed_universal_conversion_is_one_error_with_the_converters_last_line(one_process_group, tmp_path,
+                                                                                   monkeypatch):
     path = fake_checkpoint(tmp_path, 5)  # amos_meta.json but no DeepSpeed files: DeepSpeed's converter fails
-    with pytest.raises(RuntimeError) as raised:
-        checkpoint.prepare_universal(checkpoint.ResumePoint(path, json.loads((path / checkpoint.META).read_text())))
+    read_end, write_end = os.pipe()  # a launched run's stdout, buffered by blocks: the line is flushed at once
+    os.set_blocking(read_end, False)
+    with open(write_end, "w") as pipe, monkeypatch.context() as patch:
+        patch.setattr(sys, "stdout", pipe)
+        with pytest.raises(RuntimeError) as raised:
+            checkpoint.prepare_universal(checkpoint.ResumePoint(path, json.loads((path / checkpoint.META).read_text())))
+        printed = unread(read_end)  # before the pipe's close flushes it
+    os.close(read_end)
     assert str(raised.value) == (f"converting {path} to a universal checkpoint failed: FileNotFoundError: can't find "
                                  f"*_optim_states.pt files in directory '{path}'")
+    assert printed.startswith(f"converting {path} for world size 1: {sys.executable} -m deepspeed")
     assert not (path / "universal").exists()
 
 
