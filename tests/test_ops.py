@@ -215,13 +215,36 @@ def test_dispatch_and_shape_errors():
     torch.testing.assert_close(defaults, explicit, rtol=0, atol=0)
     with pytest.raises(ValueError, match="impl must be one of"):
         ops.mlm_and_sample(*tensors, targets, 0.3, 0, impl="fast")
-    with pytest.raises(ValueError, match="inconsistent shapes"):
-        ops.mlm_and_sample(*tensors, targets[:3], 0.3, 0)
-    states, mix_logits, _, _ = tensors
+    states, mix_logits, embedding, bias = tensors
+    for wrong in ([states, mix_logits[:, :2], embedding, bias, targets], [states, mix_logits, embedding[:, :8], bias,
+                  targets], [states, mix_logits, embedding, bias[:100], targets], [*tensors, targets[:3]]):
+        with pytest.raises(ValueError, match="inconsistent shapes"):
+            ops.mlm_and_sample(*wrong, 0.3, 0)
     with pytest.raises(RuntimeError) as raised:
         ops.mlm_and_sample(states, mix_logits, torch.empty(0), torch.empty(0), targets, 0.3, 0)
     assert str(raised.value) == ("mlm_and_sample: the embedding is empty, as a ZeRO-3 partitioned parameter is outside "
                                  "its owner's forward; gather it (call from the owning module, or GatheredParameters)")
+
+
+def test_auto_chooses_by_the_number_of_logits(monkeypatch):
+    """K x N x V logits at most AUTO_TORCH_MAX_LOGITS: the plain path; one more: the chunked one."""
+    tensors, targets, _ = random_inputs(num_rows=4)  # 3 heads x 4 rows x 101 ids = 1,212 logits
+    ran = []
+
+    def spy(name):
+        function = getattr(ops, name)
+
+        def recorded(*args):
+            ran.append(name)
+            return function(*args)
+        return recorded
+
+    for name in ("mlm_and_sample_torch", "mlm_and_sample_chunked"):
+        monkeypatch.setattr(ops, name, spy(name))
+    for threshold, expected in ((1212, "mlm_and_sample_torch"), (1211, "mlm_and_sample_chunked")):
+        monkeypatch.setattr(ops, "AUTO_TORCH_MAX_LOGITS", threshold)
+        ops.mlm_and_sample(*tensors, targets, 0.3, 0)
+        assert ran.pop() == expected and not ran
 
 
 def test_triton_without_the_kernel_package_is_a_clear_error(monkeypatch):
