@@ -260,8 +260,9 @@ def test_a_failed_save_marks_nothing_and_names_what_is_intact(tmp_path, one_proc
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         signal.signal(signal.SIGXFSZ, handler)
     second = checkpoints / "step_00000002"
-    assert re.fullmatch(rf"saving checkpoint {second} failed: {second}: a write failed \(\[enforce fail at [^\n]+\); "
-                        rf"the previous complete checkpoint \({first}\) is intact: free space or fix the disk, then "
-                        r"resume with --resume auto", str(raised.value)), raised.value
+    first_path, second_path = re.escape(str(first)), re.escape(str(second))
+    assert re.fullmatch(rf"saving checkpoint {second_path} failed: {second_path}: a write failed \(\[enforce fail at "
+                        rf"[^\n]+\); the previous complete checkpoint \({first_path}\) is intact: free space or fix "
+                        r"the disk, then resume with --resume auto", str(raised.value)), raised.value
     assert (checkpoints / "latest").read_text() == first.name
     assert checkpoint.find_resume(tmp_path, "auto").path == first
