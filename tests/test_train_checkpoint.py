@@ -8,6 +8,7 @@ import os
 import random
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -210,6 +211,10 @@ def test_a_failed_universal_conversion_is_one_error_with_the_converters_last_lin
                                  f"*_optim_states.pt files in directory '{path}'")
     assert printed.startswith(f"converting {path} for world size 1: {sys.executable} -m deepspeed")
     assert not (path / "universal").exists()
+    monkeypatch.setattr(sys, "executable", shutil.which("false"))  # a converter that dies without a word (OOM-killed)
+    with pytest.raises(RuntimeError) as raised:
+        checkpoint.prepare_universal(checkpoint.ResumePoint(path, json.loads((path / checkpoint.META).read_text())))
+    assert str(raised.value) == f"converting {path} to a universal checkpoint failed: ?"
 
 
 def test_each_rank_hashes_its_own_zero_files_and_rank_0_the_rest(tmp_path):
