@@ -92,7 +92,7 @@ def test_attention_equals_explicit_softmax_with_relative_bias(impl, padded):
         torch.testing.assert_close(g, e, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_sdpa_gets_a_contiguous_bias_and_no_per_batch_mask_without_padding(monkeypatch, padded, dtype):
     seen = []
