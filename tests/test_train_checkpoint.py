@@ -199,12 +199,13 @@ def test_save_resume_and_universal_conversion_with_a_real_engine(one_process_gro
 def test_a_failed_universal_conversion_is_one_error_with_the_converters_last_line(one_process_group, tmp_path,
                                                                                    monkeypatch):
     path = fake_checkpoint(tmp_path, 5)  # amos_meta.json but no DeepSpeed files: DeepSpeed's converter fails
+    point = checkpoint.ResumePoint(path, json.loads((path / checkpoint.META).read_text()))
     read_end, write_end = os.pipe()  # a launched run's stdout, buffered by blocks: the line is flushed at once
     os.set_blocking(read_end, False)
     with open(write_end, "w") as pipe, monkeypatch.context() as patch:
         patch.setattr(sys, "stdout", pipe)
         with pytest.raises(RuntimeError) as raised:
-            checkpoint.prepare_universal(checkpoint.ResumePoint(path, json.loads((path / checkpoint.META).read_text())))
+            checkpoint.prepare_universal(point)
         printed = unread(read_end)  # before the pipe's close flushes it
     os.close(read_end)
     assert str(raised.value) == (f"converting {path} to a universal checkpoint failed: FileNotFoundError: can't find "
@@ -213,7 +214,7 @@ def test_a_failed_universal_conversion_is_one_error_with_the_converters_last_lin
     assert not (path / "universal").exists()
     monkeypatch.setattr(sys, "executable", shutil.which("false"))  # a converter that dies without a word (OOM-killed)
     with pytest.raises(RuntimeError) as raised:
-        checkpoint.prepare_universal(checkpoint.ResumePoint(path, json.loads((path / checkpoint.META).read_text())))
+        checkpoint.prepare_universal(point)
     assert str(raised.value) == f"converting {path} to a universal checkpoint failed: ?"
 
 
