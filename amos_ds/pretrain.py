@@ -70,7 +70,8 @@ def free_port() -> int:
 def setup_distributed(collective_timeout_s: float = TrainConfig.collective_timeout_s) -> tuple[int, int]:
     """(rank, world size). Launchers set RANK/WORLD_SIZE; plain `python` gets a one-process group on loopback, and
     mpirun's variables are used directly when MASTER_ADDR is given (DeepSpeed's MPI discovery would take the
-    machine's first interface address instead).
+    machine's first interface address instead), as are those of an srun task (SLURM_STEP_ID tells it from the
+    batch script, which has SLURM_PROCID too; amos_ds/train/slurm.py sets MASTER_ADDR).
 
     A collective that waits longer than `collective_timeout_s` for a hung or dead rank raises (gloo), or is aborted
     by the NCCL watchdog (TORCH_NCCL_ASYNC_ERROR_HANDLING, on by default), so the rank exits non-zero and the
@@ -78,6 +79,9 @@ def setup_distributed(collective_timeout_s: float = TrainConfig.collective_timeo
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" in os.environ and "MASTER_ADDR" in os.environ:
         os.environ.update(RANK=os.environ["OMPI_COMM_WORLD_RANK"], WORLD_SIZE=os.environ["OMPI_COMM_WORLD_SIZE"],
                           LOCAL_RANK=os.environ["OMPI_COMM_WORLD_LOCAL_RANK"])
+    elif "RANK" not in os.environ and "SLURM_STEP_ID" in os.environ and "MASTER_ADDR" in os.environ:  # srun's task
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                          LOCAL_RANK=os.environ["SLURM_LOCALID"])
     elif "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
