@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from amos_ds.data.errors import DataError
+from amos_ds.errors import DataError
 from amos_ds.vocab import SEP_ID
 
 MAGIC = b"AMOSIDX\x00"

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from amos_ds.data.errors import DataError
 from amos_ds.data.indexed import IndexedShard, ShardWriter, shard_name
 from amos_ds.data.sources import SourceStats, expand_inputs, iter_sources
 from amos_ds.data.tokenizer import Tokenizer, copy_tokenizer
+from amos_ds.errors import DataError
 
 MANIFEST = "manifest.json"
 PLAN = "plan.json"

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from amos_ds.data.errors import DataError
 from amos_ds.data.sources import SourceStats, expand_inputs, iter_sources
+from amos_ds.errors import DataError
 from amos_ds.vocab import CLS_ID, MASK_ID, NUM_SPECIAL_TOKENS, PAD_ID, SEP_ID, SPECIAL_TOKENS, UNK_ID
 
 MODEL_FILE = "tokenizer.model"

@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 
 from amos_ds.config import ModelConfig
+from amos_ds.errors import ConfigError
 from amos_ds.finetune.pretrained import find_tokenizer, load_weights, locate_checkpoint
-from amos_ds.train.train_config import ConfigError
 from amos_ds.vocab import PAD_ID
 
 REMOTE_CODE = Path(__file__).resolve().parent / "remote"

@@ -42,7 +42,7 @@ from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
-from amos_ds.train.train_config import ConfigError
+from amos_ds.errors import CheckpointError, ConfigError
 
 CHECKPOINTS = "checkpoints"
 META = "amos_meta.json"
@@ -53,10 +53,6 @@ RUN_TOKENIZER = "tokenizer"  # RUN_DIR/tokenizer: a copy of the data's tokenizer
 _TAG = re.compile(r"step_(\d+)")
 # ModelConfig fields that choose how, not what, the model computes: free to change on resume (e.g. CPU -> GPU).
 IMPLEMENTATION_FIELDS = {"vocab_impl", "attention_impl"}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written; the message is one line naming the file and what is still intact."""
 
 
 def tag_for(step: int) -> str:
