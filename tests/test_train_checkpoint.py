@@ -243,7 +243,7 @@ def test_a_failed_save_marks_nothing_and_names_what_is_intact(tmp_path, one_proc
             raise OSError(errno.EIO, "Input/output error", str(file))
 
     with monkeypatch.context() as patch:
-        patch.setattr(checkpoint, "_fsync", fsync_failing_on_the_model_file)
+        patch.setattr(checkpoint, "fsync", fsync_failing_on_the_model_file)
         with pytest.raises(CheckpointError) as raised:
             checkpoint.save_checkpoint(engine, tmp_path, 1, info, {}, keep_last=2)
     assert str(raised.value) == (f"saving checkpoint {first} failed: {model_file}: Input/output error; the previous "
