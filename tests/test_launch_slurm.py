@@ -13,8 +13,8 @@ from torch.distributed import distributed_c10d
 
 from amos_ds import pretrain
 from amos_ds.cli import main
+from amos_ds.errors import ConfigError
 from amos_ds.train import launch, slurm
-from amos_ds.train.train_config import ConfigError
 
 TINY = ["--", "--preset", "tiny", "--max-steps", "30"]
 
@@ -148,14 +148,14 @@ def test_a_refused_submission_leaves_nothing(tmp_path, capsys, monkeypatch):
 def test_setup_distributed_maps_an_srun_task_not_the_batch_script(monkeypatch, step_id, expected):
     """Inside srun (SLURM_STEP_ID set) the task's place becomes RANK, WORLD_SIZE, LOCAL_RANK; the batch script's
     own shell, which has SLURM_PROCID too, gets a one-process run."""
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "SLURM_STEP_ID"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("MASTER_ADDR", "node1")
-    monkeypatch.setenv("SLURM_PROCID", "1")
-    monkeypatch.setenv("SLURM_NTASKS", "2")
-    monkeypatch.setenv("SLURM_LOCALID", "1")
+    # A copy of the environment for setup_distributed to write into, without any launcher's variables.
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT") and not key.startswith(
+                       ("SLURM_", "OMPI_"))}
+    environment.update(MASTER_ADDR="node1", SLURM_PROCID="1", SLURM_NTASKS="2", SLURM_LOCALID="1")
     if step_id is not None:
-        monkeypatch.setenv("SLURM_STEP_ID", step_id)
+        environment["SLURM_STEP_ID"] = step_id
+    monkeypatch.setattr(os, "environ", environment)
     for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
         monkeypatch.setattr(distributed_c10d, name, getattr(distributed_c10d, name))
     monkeypatch.setattr(pretrain.deepspeed, "init_distributed", lambda timeout: None)

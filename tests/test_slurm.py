@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import subprocess_env
-from test_train_run import REPO, complete_steps, corpus, logged_steps, metrics, run, write_configs  # noqa: F401
+from conftest import REPO, complete_steps, logged_steps, metrics, run, subprocess_env, write_configs
 
 from amos_ds.pretrain import free_port
 
@@ -156,7 +155,7 @@ def processes_of(text: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_preempted_job_requeues_and_finishes_like_an_uninterrupted_run(tmp_path, corpus, cluster,  # noqa: F811
+def test_preempted_job_requeues_and_finishes_like_an_uninterrupted_run(tmp_path, corpus, cluster,
                                                                        monkeypatch):
     # One thread per rank in both runs (another count changes the order of float sums), and data-loader workers:
     # Slurm signals every process of the job step, the workers too.

@@ -7,7 +7,7 @@ def _launch(args: argparse.Namespace) -> int:
     if args.scheduler == "slurm":
         from amos_ds.train.slurm import run_slurm_launch
 
-        return _reporting_errors(run_slurm_launch, args)
+        return run_slurm_launch(args)
     from amos_ds.train.launch import run_launch
 
     return run_launch(args)

@@ -34,9 +34,11 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
+from amos_ds.atomic import write_atomically
+from amos_ds.errors import ConfigError
 from amos_ds.train.hostfile import Host
 from amos_ds.train.launch import PRETRAIN, format_duration, format_plan, launch_env, make_plan
-from amos_ds.train.train_config import ConfigError, build_parser, load_train_config, read_config_file
+from amos_ds.train.train_config import build_parser, load_train_config, read_config_file
 from amos_ds.train.version import code_version
 
 SCRIPT = Path("slurm") / "job.sbatch"  # in the run directory, beside the job logs slurm/<job id>.out
@@ -290,9 +292,7 @@ def run_slurm_launch(args: argparse.Namespace) -> int:
         raise ConfigError("--scheduler slurm: sbatch not found on PATH; run amos-ds launch on a Slurm login node")
     created = [p for p in (run_dir, path.parent) if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(script)
-    temporary.replace(path)  # a whole script or none
+    write_atomically(path, script)
     result = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
     if result.returncode:
         path.unlink()
