@@ -246,7 +246,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("--scheduler slurm", "the allocation and sbatch options (SlurmConfig fields "
                                       "in amos_ds/train/slurm.py; flags override --slurm-config)")
     group.add_argument("--scheduler", choices=("slurm",),
-                       help="slurm: write RUN_DIR/slurm/job.sbatch and submit it with sbatch (no hostfile, no ssh)")
+                       help="slurm: write RUN_DIR/slurm/job.sbatch and submit it with sbatch; srun starts the ranks "
+                            "(--hostfile, --launcher, --no-ssh, --ssh-config and --launcher-args do not apply)")
     group.add_argument("--slurm-config", type=Path, metavar="FILE", help="JSON object of SlurmConfig fields")
     hints = typing.get_type_hints(SlurmConfig)
     for name in ("nodes", "ranks_per_node", "gpus_per_node", "cpus_per_task", "partition", "account", "qos",
