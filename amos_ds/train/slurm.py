@@ -242,22 +242,7 @@ def format_slurm_plan(slurm: SlurmConfig, eta_s: float | None) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("--scheduler slurm", "the allocation and sbatch options (SlurmConfig fields "
-                                      "in amos_ds/train/slurm.py; flags override --slurm-config)")
-    group.add_argument("--scheduler", choices=("slurm",),
-                       help="slurm: write RUN_DIR/slurm/job.sbatch and submit it with sbatch; srun starts the ranks "
-                            "(--hostfile, --launcher, --no-ssh, --ssh-config and --launcher-args do not apply)")
-    group.add_argument("--slurm-config", type=Path, metavar="FILE", help="JSON object of SlurmConfig fields")
-    hints = typing.get_type_hints(SlurmConfig)
-    for name in ("nodes", "ranks_per_node", "gpus_per_node", "cpus_per_task", "partition", "account", "qos",
-                 "constraint", "time", "signal_lead_s", "job_name"):
-        kind = int if int in (hints[name], *typing.get_args(hints[name])) else str
-        group.add_argument("--" + name.replace("_", "-"), type=kind, help=SLURM_HELP[name])
-    group.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
-                       help="one more sbatch option, e.g. --sbatch=--mail-type=END (repeatable)")
-
-
+# A flag per SlurmConfig field, named after it (sbatch_lines is --sbatch, below).
 SLURM_HELP = {
     "nodes": "nodes (default 1)",
     "ranks_per_node": "training ranks (srun tasks) per node, one per GPU (default 8)",
@@ -271,6 +256,21 @@ SLURM_HELP = {
     "signal_lead_s": "seconds before the time limit at which the ranks save and stop (default 300)",
     "job_name": "job name (default: the run directory's name)",
 }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("--scheduler slurm", "the allocation and sbatch options (SlurmConfig fields "
+                                      "in amos_ds/train/slurm.py; flags override --slurm-config)")
+    group.add_argument("--scheduler", choices=("slurm",),
+                       help="slurm: write RUN_DIR/slurm/job.sbatch and submit it with sbatch; srun starts the ranks "
+                            "(--hostfile, --launcher, --no-ssh, --ssh-config and --launcher-args do not apply)")
+    group.add_argument("--slurm-config", type=Path, metavar="FILE", help="JSON object of SlurmConfig fields")
+    hints = typing.get_type_hints(SlurmConfig)
+    for name, text in SLURM_HELP.items():
+        kind = int if int in (hints[name], *typing.get_args(hints[name])) else str
+        group.add_argument("--" + name.replace("_", "-"), type=kind, help=text)
+    group.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                       help="one more sbatch option, e.g. --sbatch=--mail-type=END (repeatable)")
 
 
 def run_slurm_launch(args: argparse.Namespace) -> int:
