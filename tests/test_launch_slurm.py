@@ -94,7 +94,7 @@ def test_eta_in_time_limited_jobs(tmp_path, capsys):
 
 @pytest.mark.parametrize("flags, config, message", [
     (["--time", "2h"], None, "Slurm time limit '2h': expected MINUTES"),
-    (["--time", "5"], None, "Slurm setting time 5 must be longer than signal_lead_s (300 s)"),
+    (["--time", "6"], None, "Slurm setting time 6 must be longer than signal_lead_s + 60 s (360 s)"),
     (["--partition", "gpu\n#SBATCH --x"], None, "Slurm setting partition 'gpu\\n#SBATCH --x': must be one word"),
     (["--sbatch", "mail-type=END"], None, "Slurm setting sbatch_lines 'mail-type=END': each must be one sbatch"),
     (["--nodes", "0"], None, "Slurm setting nodes must be at least 1, got 0"),

@@ -46,6 +46,7 @@ SCRIPT = Path("slurm") / "job.sbatch"  # in the run directory, beside the job lo
 # days-hours:minutes:seconds.
 SLURM_TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
 SIGNAL_LEAD_MAX_S = 65535  # the largest sig_time sbatch accepts
+SIGNAL_EARLY_S = 60  # Slurm may send the --signal up to this much before the time asked for (sbatch(1))
 # A MASTER_PORT per job, from the job id, unless --master-port: two jobs sharing a node must not collide.
 JOB_PORT_BASE, JOB_PORT_RANGE = 20000, 20000
 
@@ -87,9 +88,9 @@ class SlurmConfig:
             if not re.fullmatch(r"--[A-Za-z][^\n\r]*", line):
                 raise ConfigError(f"Slurm setting sbatch_lines {line!r}: each must be one sbatch option on one "
                                   "line, starting with '--'")
-        if self.time is not None and time_limit_s(self.time) <= self.signal_lead_s:
-            raise ConfigError(f"Slurm setting time {self.time} must be longer than signal_lead_s "
-                              f"({self.signal_lead_s} s)")
+        if self.time is not None and time_limit_s(self.time) <= self.signal_lead_s + SIGNAL_EARLY_S:
+            raise ConfigError(f"Slurm setting time {self.time} must be longer than signal_lead_s + {SIGNAL_EARLY_S} s "
+                              f"({self.signal_lead_s + SIGNAL_EARLY_S} s): Slurm may send the signal that much earlier")
 
     @property
     def gpus(self) -> int:
@@ -143,8 +144,9 @@ def sbatch_script(slurm: SlurmConfig, pretrain_args: list[str], run_dir: Path, m
     if slurm.time:
         options.append(("the job's time limit; the chain continues in a requeued job", f"--time={slurm.time}"))
     options += [
-        (f"SIGUSR1 to every rank {slurm.signal_lead_s} s before the time limit (Slurm may send it up to 60 s "
-         "earlier): the ranks save a checkpoint and exit 0", f"--signal=USR1@{slurm.signal_lead_s}"),
+        (f"SIGUSR1 to every rank {slurm.signal_lead_s} s before the time limit (Slurm may send it up to "
+         f"{SIGNAL_EARLY_S} s earlier): the ranks save a checkpoint and exit 0",
+         f"--signal=USR1@{slurm.signal_lead_s}"),
         ("the job may be requeued: by the script below, or by Slurm on preemption", "--requeue"),
         ("every requeued start appends to the same log", "--open-mode=append"),
         ("stdout and stderr of the script and of every rank", f"--output={run_dir / 'slurm' / '%j.out'}"),
