@@ -13,9 +13,10 @@ import shutil
 from pathlib import Path
 
 from amos_ds.config import ModelConfig
+from amos_ds.data.tokenizer import Tokenizer
 from amos_ds.finetune.pretrained import find_tokenizer, load_weights, locate_checkpoint
 from amos_ds.train.train_config import ConfigError
-from amos_ds.vocab import PAD_ID
+from amos_ds.vocab import AMOS_DS_PAD
 
 REMOTE_CODE = Path(__file__).resolve().parent / "remote"
 MODELING_FILE = "modeling_amos_ds.py"
@@ -40,7 +41,7 @@ def hf_config_values(config: ModelConfig, generator: bool = False) -> dict:
                 relative_max_distance=config.rel_max_distance, hidden_dropout_prob=dropout,
                 attention_probs_dropout_prob=0.0 if generator else config.attention_dropout,
                 classifier_dropout=dropout, layer_norm_eps=config.layer_norm_eps, initializer_range=config.init_std,
-                pad_token_id=PAD_ID)
+                pad_token_id=AMOS_DS_PAD)
 
 
 def hf_state_dict(state: dict) -> dict:
@@ -77,6 +78,9 @@ def export_encoder(source: str, output: str | os.PathLike, tokenizer: str | None
         raise ConfigError(f"--generator: {checkpoint.path} has separate generators (one per head); only a shared "
                           "generator is exported")
     found = find_tokenizer(checkpoint, tokenizer)  # before the merge of the weights, which can take minutes
+    if not isinstance(found, Tokenizer):  # the shipped tokenizer code reads amos-ds's sentencepiece layout only
+        raise ConfigError(f"{source}: its tokenizer ({found.directory}) is the release's sp.model + dict.txt, which "
+                          "the Hugging Face folder's tokenizer cannot express; use --format amos-release")
     load_weights(checkpoint, with_generator=generator)
     hf_tokenizer = AmosDsTokenizer(vocab_file=str(found.directory / "tokenizer.model"),
                                    model_max_length=checkpoint.config.max_positions)

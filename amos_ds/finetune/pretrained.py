@@ -18,7 +18,7 @@ from torch import nn
 
 from amos_ds.config import ModelConfig, get_preset
 from amos_ds.data.errors import DataError
-from amos_ds.data.tokenizer import Tokenizer
+from amos_ds.data.tokenizer import SentencepieceTokenizer, load_tokenizer
 from amos_ds.model import AMOSModel, Encoder
 from amos_ds.train.checkpoint import META, RUN_TOKENIZER, newest_checkpoint
 from amos_ds.train.train_config import ConfigError
@@ -113,11 +113,11 @@ def _model_config(values: dict, where: Path) -> ModelConfig:
         raise ConfigError(f"{where}: not a valid model config ({err})") from None
 
 
-def find_tokenizer(checkpoint: Checkpoint, tokenizer: str | None) -> Tokenizer:
+def find_tokenizer(checkpoint: Checkpoint, tokenizer: str | None) -> SentencepieceTokenizer:
     """--tokenizer, or the tokenizer the checkpoint was pretrained with; its hash and size must match the model's."""
     expected = checkpoint.meta.get("tokenizer_hash")
     if tokenizer:
-        found = Tokenizer(tokenizer)
+        found = load_tokenizer(tokenizer)
         if expected and found.hash != expected:
             raise ConfigError(f"--tokenizer {tokenizer}: hash {found.hash}, but {checkpoint.path} was pretrained with "
                               f"{expected}; give the tokenizer/ folder of the corpus it was pretrained on")
@@ -135,9 +135,9 @@ def find_tokenizer(checkpoint: Checkpoint, tokenizer: str | None) -> Tokenizer:
     return found
 
 
-def _try_tokenizer(directory: Path) -> Tokenizer | None:
+def _try_tokenizer(directory: Path) -> SentencepieceTokenizer | None:
     try:
-        return Tokenizer(directory)
+        return load_tokenizer(directory)
     except DataError:
         return None
 
@@ -147,7 +147,7 @@ class EncoderSource:
     """What every fine-tuning seed starts from: pretrained weights, or (state None) a fresh random init per seed."""
 
     config: ModelConfig
-    tokenizer: Tokenizer
+    tokenizer: SentencepieceTokenizer
     state: dict[str, torch.Tensor] | None
     description: str
 
@@ -166,7 +166,7 @@ def load_source(pretrained: str, tokenizer: str | None = None, model_config: str
     if pretrained == "none":
         if not tokenizer:
             raise ConfigError("--pretrained none: random init needs --tokenizer DIR (it sets the vocabulary)")
-        found = Tokenizer(tokenizer)
+        found = load_tokenizer(tokenizer)
         if model_config:
             base = _read_model_config(Path(model_config))
         else:
