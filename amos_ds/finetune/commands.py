@@ -45,8 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("finetune", help="fine-tune the discriminator on a GLUE-format task",
                                    description=__doc__.splitlines()[0])
     parser.add_argument("--pretrained", required=True, metavar="PATH",
-                        help="checkpoint tag folder, run directory, state-dict file (with --model-config), or 'none' "
-                             "for random init")
+                        help="checkpoint tag folder, run directory, state-dict file (with --model-config), the "
+                             "authors' release folder (microsoft/amos: pytorch_model.bin, config.json, sp.model, "
+                             "dict.txt), or 'none' for random init")
     parser.add_argument("--task-dir", required=True, metavar="DIR", help="folder with train.tsv, dev.tsv, test.tsv "
                         "(a header naming label and sentence, or sentence1 and sentence2)")
     parser.add_argument("--text-columns", nargs="+", metavar="COLUMN",

@@ -4,7 +4,9 @@ Sources of weights, all read without a GPU:
 - a checkpoint tag folder (RUN_DIR/checkpoints/step_XXXXXXXX, with amos_meta.json), a checkpoints folder or a run
   directory (its newest complete checkpoint): ZeRO 1/2/3 files merged by DeepSpeed's zero_to_fp32;
 - a file holding a `torch.save`d AMOSModel state dict, with `--model-config` JSON (ModelConfig fields);
-- 'none': random init, the same architecture and initialisation pretraining starts from.
+- 'none': random init, the same architecture and initialisation pretraining starts from;
+- the authors' release folder (`pytorch_model.bin`, `config.json`, `sp.model`, `dict.txt`: amos_ds/export/
+  amos_release.py), read directly.
 """
 
 import json
@@ -19,6 +21,7 @@ from torch import nn
 from amos_ds.config import ModelConfig, get_preset
 from amos_ds.data.errors import DataError
 from amos_ds.data.tokenizer import SentencepieceTokenizer, load_tokenizer
+from amos_ds.export.amos_release import is_release_folder, read_release
 from amos_ds.model import AMOSModel, Encoder
 from amos_ds.train.checkpoint import META, RUN_TOKENIZER, newest_checkpoint
 from amos_ds.train.train_config import ConfigError
@@ -162,7 +165,15 @@ class EncoderSource:
 
 def load_source(pretrained: str, tokenizer: str | None = None, model_config: str | None = None,
                 preset: str = "small") -> EncoderSource:
-    """Resolve `--pretrained` (a checkpoint, run directory, state-dict file, or 'none') and its tokenizer."""
+    """Resolve `--pretrained` (a checkpoint, run directory, state-dict file, release folder, or 'none') and its
+    tokenizer."""
+    if is_release_folder(pretrained):
+        config, state = read_release(pretrained)
+        found = load_tokenizer(tokenizer or pretrained)
+        if found.vocab_size != config.vocab_size:
+            raise ConfigError(f"--tokenizer {found.directory}: {found.vocab_size} ids, but {pretrained} has "
+                              f"vocab_size {config.vocab_size}; use the release's own sp.model and dict.txt")
+        return EncoderSource(config, found, state, f"the release {pretrained}")
     if pretrained == "none":
         if not tokenizer:
             raise ConfigError("--pretrained none: random init needs --tokenizer DIR (it sets the vocabulary)")

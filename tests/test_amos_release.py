@@ -1,0 +1,278 @@
+"""The authors' release format (microsoft/amos): its tokenizer's ids, its weights read into amos-ds's discriminator,
+`amos-ds convert`, fine-tuning the release folder directly, and export back to it.
+
+The release folder here is built in the test at a small config: a state dict with the release's names and shapes
+(random weights), an sp.model trained here, a dict.txt in fairseq's format. What the release computes is written
+below from the authors' definitions (microsoft/AMOS huggingface/amos/modeling_amos.py, tokenization_amos.py), not
+with amos-ds's code.
+"""
+
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import torch
+import torch.nn.functional as F
+
+from amos_ds.data.errors import DataError
+from amos_ds.data.release_tokenizer import ReleaseTokenizer, pre_tokenize
+from amos_ds.data.tokenizer import load_tokenizer
+from amos_ds.export.amos_release import encoder_from_release, model_config_from_release, read_release
+from amos_ds.finetune.pretrained import TextEncoder, load_source
+from amos_ds.finetune.tasks import Example, encode
+from amos_ds.train.train_config import ConfigError
+
+TEXT = """The film opens in a quiet town, where nothing seems to happen.
+He said, "it's fine" -- isn't it? She didn't answer; they'll see.
+"Don't stop," she said - 'twas the dog's bone... (really!)
+We'll meet at 10:30 a.m. in the U.S.A. office, won't we?
+Prices rose 5% in 2021: bread, milk, and eggs cost more.
+I'm sure they're right, but you've got to check what we'd do.
+The story is simple; the actors are good and the music is loud.
+Quoted text (with parentheses) and stuff... a [bracket] and {brace}.
+WE'LL SEE WHAT THEY'RE DOING, AND WHAT THEY'VE DONE.""".splitlines()
+
+RELEASE_CONFIG = {"vocab_size": None, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "intermediate_size": 64, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
+                  "attention_probs_dropout_prob": 0.1, "max_position_embeddings": 64, "type_vocab_size": 2,
+                  "initializer_range": 0.02, "layer_norm_eps": 1e-5, "rel_pos_bins": 16, "max_rel_pos": 32,
+                  "layer_norm_type": "post", "model_type": "amos"}
+LEFT_OUT = "bone"  # dict.txt leaves out this word's pieces: the release maps them to <unk>
+
+
+def release_state_dict(config: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random weights under the release's names and shapes, with a classification head outside `amos.`."""
+    hidden, ffn = config["hidden_size"], config["intermediate_size"]
+
+    def randn(*shape, scale=0.5, center=0.0):
+        return center + scale * torch.randn(*shape, generator=generator)
+
+    state = {"amos.embeddings.word_embeddings.weight": randn(config["vocab_size"], hidden),
+             "amos.embeddings.position_embeddings.weight": randn(config["max_position_embeddings"], hidden),
+             "amos.embeddings.token_type_embeddings.weight": randn(config["type_vocab_size"], hidden),
+             "amos.embeddings.LayerNorm.weight": randn(hidden, center=1.0),
+             "amos.embeddings.LayerNorm.bias": randn(hidden),
+             "amos.relative_attention_bias.weight": randn(config["rel_pos_bins"], config["num_attention_heads"],
+                                                          scale=2.0),
+             "classifier.dense.weight": randn(hidden, hidden), "classifier.dense.bias": randn(hidden)}
+    shapes = {"attention.self_attn.in_proj": (3 * hidden, hidden), "attention.self_attn.out_proj": (hidden, hidden),
+              "intermediate.dense": (ffn, hidden), "output.dense": (hidden, ffn)}
+    for layer in range(config["num_hidden_layers"]):
+        prefix = f"amos.encoder.layer.{layer}."
+        for name, (rows, columns) in shapes.items():
+            state[prefix + name + ".weight"] = randn(rows, columns, scale=1 / math.sqrt(columns))
+            state[prefix + name + ".bias"] = randn(rows, scale=0.1)
+        for norm in ("attention.LayerNorm", "output.LayerNorm"):
+            state[prefix + norm + ".weight"] = randn(hidden, center=1.0, scale=0.2)
+            state[prefix + norm + ".bias"] = randn(hidden, scale=0.2)
+    return state
+
+
+def build_release_folder(folder: Path, seed: int = 0) -> Path:
+    """A release-format folder: sp.model trained on TEXT, dict.txt (its pieces in reversed order, fairseq format,
+    those of LEFT_OUT missing), config.json and pytorch_model.bin."""
+    folder.mkdir(parents=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT * 3), model_writer=model, vocab_size=120,
+                                   model_type="unigram", character_coverage=1.0, minloglevel=2)
+    (folder / "sp.model").write_bytes(model.getvalue())
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    left_out = set(sp.encode(LEFT_OUT, out_type=str))
+    pieces = [sp.id_to_piece(i) for i in range(sp.vocab_size() - 1, 2, -1)]  # 0-2: <unk> <s> </s>
+    pieces = [piece for piece in pieces if piece not in left_out]
+    (folder / "dict.txt").write_text("".join(f"{piece} {1000 - i}\n" for i, piece in enumerate(pieces)))
+    config = {**RELEASE_CONFIG, "vocab_size": 4 + len(pieces) + 1}
+    (folder / "config.json").write_text(json.dumps(config))
+    torch.save(release_state_dict(config, torch.Generator().manual_seed(seed)), folder / "pytorch_model.bin")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory) -> Path:
+    return build_release_folder(tmp_path_factory.mktemp("release") / "amos")
+
+
+# ---- the tokenizer ----------------------------------------------------------------------------------------------
+
+# What the release's pre-tokenizer makes of each line, worked out by hand from its rules: `` and '' become ", curly
+# quotes and the acute accent become ', curly double quotes ", em and en dashes -; each whitespace-separated word
+# loses its leading and trailing runs of punctuation to words of their own (an all-punctuation word stays whole);
+# "' s", "' m", "' d", "' t" (either case), "' ll", "' re", "' ve" and their upper-case forms are joined again.
+PRE_TOKENIZED = {
+    'He said, "it\'s fine" -- isn\'t it?': 'He said , " it\'s fine " -- isn\'t it ?',
+    "\u201cDon\u2019t stop,\u201d she said \u2014 \u2018twas the dog\u2019s bone\u2026":
+        "\" Don't stop ,\" she said - ' twas the dog's bone \u2026",
+    "I ' m sure they ' ll come , won ' t they ? WE ' LL SEE.": "I 'm sure they 'll come , won 't they ? WE 'LL SEE .",
+    "``Quoted'' text (with parentheses) and U.S.A. stuff...":
+        "\" Quoted \" text ( with parentheses ) and U.S.A . stuff ...",
+    "  spaces\tand\ttabs  ,at the ends  ": "spaces and tabs , at the ends",
+    "'s ' S 'twas": "'s 'S ' twas",
+}
+
+
+def expected_ids(folder: Path, line: str) -> list[int]:
+    """The release's ids of `line`, from its rules: sentencepiece pieces of the pre-tokenized line, minus each lone
+    "▁" that ends the line or precedes punctuation; a fairseq dictionary's ids (<s> <pad> </s> <unk>, dict.txt's
+    lines in order, <mask>); pieces not in it are <unk> (3)."""
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "sp.model"))
+    pieces = sp.encode(PRE_TOKENIZED[line], out_type=str)
+    punctuation = set("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~\u2026")
+    kept = [piece for i, piece in enumerate(pieces)
+            if piece != "\u2581" or (i + 1 < len(pieces) and pieces[i + 1][0] not in punctuation)]
+    dictionary = ["<s>", "<pad>", "</s>", "<unk>"] + [line.split(" ")[0] for line in
+                                                      (folder / "dict.txt").read_text().splitlines()]
+    return [dictionary.index(piece) if piece in dictionary else 3 for piece in kept]
+
+
+@pytest.mark.parametrize("line", list(PRE_TOKENIZED))
+def test_pre_tokenizer_follows_the_release_rules(line):
+    assert pre_tokenize(line) == PRE_TOKENIZED[line]
+
+
+def test_release_tokenizer_gives_the_release_ids(release):
+    tokenizer = load_tokenizer(release)
+    assert isinstance(tokenizer, ReleaseTokenizer)
+    dict_lines = len((release / "dict.txt").read_text().splitlines())
+    special = tokenizer.special
+    assert (special.cls, special.pad, special.sep, special.unk) == (0, 1, 2, 3)
+    assert special.mask == 4 + dict_lines == tokenizer.vocab_size - 1 and special.ordinary == (4, special.mask)
+    unknown = 0
+    for line in PRE_TOKENIZED:
+        ids = tokenizer.encode(line)
+        assert ids == expected_ids(release, line), line
+        unknown += ids.count(3)
+    assert unknown > 0  # a line has "bone", whose pieces dict.txt leaves out
+    assert tokenizer.decode(tokenizer.encode("the film opens")) == "the film opens"
+
+
+def test_release_pairs_and_documents(release):
+    tokenizer = load_tokenizer(release)
+    first, second = "Is it fine?", "Yes, it's fine."
+    ids_a, ids_b = tokenizer.encode(first), tokenizer.encode(second)
+    [(pair, _), (single, _)] = encode([Example("1", first, second), Example("0", first)], tokenizer, ["0", "1"], 64)
+    assert pair == [0, *ids_a, 2, 2, *ids_b, 2] and single == [0, *ids_a, 2]
+    # Cut to max_len with the pair's four special tokens, longest first.
+    [(cut, _)] = encode([Example("1", first, second)], tokenizer, ["0", "1"], len(ids_a) + len(ids_b) + 3)
+    assert len(cut) == len(ids_a) + len(ids_b) + 3 and cut[-1] == 2 and cut.count(2) == 3
+    tokens, lengths = tokenizer.encode_documents(["Is it fine?\nYes.", "No."])
+    assert tokens.tolist() == [*ids_a, *tokenizer.encode("Yes."), 2, *tokenizer.encode("No."), 2]
+    assert lengths.tolist() == [len(ids_a) + len(tokenizer.encode("Yes.")) + 1, len(tokenizer.encode("No.")) + 1]
+
+
+def test_bad_dictionary_is_one_clear_error(tmp_path):
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT * 3), model_writer=model, vocab_size=100,
+                                   minloglevel=2)
+    (folder / "sp.model").write_bytes(model.getvalue())
+    for text, message in (("a 1\nb\n", r"dict.txt:2: 'b' is not `PIECE COUNT`"),
+                          ("a 1\na 2\n", r"dict.txt:2: 'a' appears twice"),
+                          ("<mask> 1\n", r"dict.txt:1: holds <mask>")):
+        (folder / "dict.txt").write_text(text)
+        with pytest.raises(DataError, match=message):
+            ReleaseTokenizer(folder)
+    (folder / "dict.txt").write_text("a 1\n<unk> 5 #fairseq:overwrite\n")  # fairseq gives the piece a new id
+    assert ReleaseTokenizer(folder).index["<unk>"] == 5
+
+
+# ---- the weights ------------------------------------------------------------------------------------------------
+
+def authors_bucket(relative: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """modeling_amos.relative_position_bucket: half the buckets per sign; below half of those exact, above that
+    logarithmic up to max_distance, capped."""
+    sign = torch.sign(relative)
+    half = num_buckets // 2
+    n = relative.abs()
+    max_exact = half // 2
+    large = max_exact + torch.ceil(torch.log(n.float().clamp(min=1) / max_exact)
+                                   / math.log((max_distance - 1) / max_exact) * (half - 1 - max_exact)).long()
+    large = torch.minimum(large, torch.full_like(large, half - 1))
+    return torch.where(n < max_exact, n, large) * sign
+
+
+def release_forward(state: dict, config: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """AMOSModel.forward of the release, fp32, eval mode, token_type_ids None (as run_glue.py passes)."""
+    def w(name):
+        return state["amos." + name]
+
+    hidden, heads, eps = config["hidden_size"], config["num_attention_heads"], config["layer_norm_eps"]
+    batch, length = input_ids.shape
+    x = w("embeddings.word_embeddings.weight")[input_ids] + w("embeddings.position_embeddings.weight")[:length]
+    x = x + w("embeddings.token_type_embeddings.weight")[0]
+    x = F.layer_norm(x, (hidden,), w("embeddings.LayerNorm.weight"), w("embeddings.LayerNorm.bias"), eps)
+    x = x * attention_mask.unsqueeze(-1).float()
+    positions = torch.arange(config["max_position_embeddings"])
+    rp_bucket = authors_bucket(positions[None, :] - positions[:, None], config["rel_pos_bins"], config["max_rel_pos"])
+    rp_bucket -= rp_bucket.min()
+    bias = w("relative_attention_bias.weight")[rp_bucket[:length, :length]].permute(2, 0, 1)  # [heads, T, T]
+    bias = bias.unsqueeze(0).repeat(batch, 1, 1, 1)
+    bias = bias.masked_fill((attention_mask == 0)[:, None, None, :], float("-inf"))
+    head_dim = hidden // heads
+    for layer in range(config["num_hidden_layers"]):
+        def p(name, layer=layer):
+            return w(f"encoder.layer.{layer}.{name}.weight"), w(f"encoder.layer.{layer}.{name}.bias")
+
+        q, k, v = F.linear(x, *p("attention.self_attn.in_proj")).chunk(3, dim=-1)
+        q, k, v = (t.reshape(batch, length, heads, head_dim).transpose(1, 2) for t in (q, k, v))
+        scores = (q * head_dim ** -0.5) @ k.transpose(-1, -2) + bias
+        attended = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(batch, length, hidden)
+        attended = F.linear(attended, *p("attention.self_attn.out_proj"))
+        attended[attended != attended] = 0
+        x = F.layer_norm(x + attended, (hidden,), *p("attention.LayerNorm"), eps)
+        ffn = F.linear(F.gelu(F.linear(x, *p("intermediate.dense"))), *p("output.dense"))
+        x = F.layer_norm(x + ffn, (hidden,), *p("output.LayerNorm"), eps)
+    return x
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no_padding", "padding"])
+def test_converted_weights_give_the_release_hidden_states(release, padded):
+    config, encoder_state = read_release(release)
+    encoder = TextEncoder(config)
+    encoder.load_state_dict(encoder_state)
+    encoder.eval()
+    state = torch.load(release / "pytorch_model.bin", weights_only=True)
+    values = json.loads((release / "config.json").read_text())
+    ids = torch.randint(4, values["vocab_size"], (3, 40), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, 25:] = 0
+        mask[2, 7:] = 0
+        ids[mask == 0] = 1
+    expected = release_forward(state, values, ids, mask)
+    with torch.no_grad():
+        got = encoder(ids, mask if padded else None)
+    real = mask.bool()
+    assert expected.abs().max() > 0.5  # not a degenerate comparison
+    torch.testing.assert_close(got[real], expected[real], rtol=0, atol=1e-5)
+
+
+def test_release_config_errors_name_the_field(release):
+    values = json.loads((release / "config.json").read_text())
+    for change, message in (({"layer_norm_type": "pre"}, "layer_norm_type 'pre' is not supported"),
+                            ({"hidden_act": "relu"}, "hidden_act 'relu' is not supported"),
+                            ({"rel_pos_bins": 0}, "rel_pos_bins 0"),
+                            ({"max_position_embeddings": 8}, "does not reach the last relative bucket")):
+        with pytest.raises(ConfigError, match=message):
+            model_config_from_release({**values, **change}, "config.json")
+    config = model_config_from_release(values, "config.json")
+    state = torch.load(release / "pytorch_model.bin", weights_only=True)
+    del state["amos.encoder.layer.1.output.dense.bias"]
+    with pytest.raises(ConfigError, match=r"missing \['amos.encoder.layer.1.output.dense.bias'\]"):
+        encoder_from_release(state, config, "pytorch_model.bin")
+    state = torch.load(release / "pytorch_model.bin", weights_only=True)
+    state["amos.embeddings.position_embeddings.weight"] = state["amos.embeddings.position_embeddings.weight"][:10]
+    with pytest.raises(ConfigError, match=r"position_embeddings.weight \(10, 32\) \(expected \(64, 32\)\)"):
+        encoder_from_release(state, config, "pytorch_model.bin")
+
+
+def test_finetune_reads_the_release_folder_directly(release):
+    source = load_source(str(release))
+    assert isinstance(source.tokenizer, ReleaseTokenizer) and source.config.vocab_size == source.tokenizer.vocab_size
+    encoder = source.build(dropout=0.1)
+    assert torch.equal(encoder.token_embedding,
+                       torch.load(release / "pytorch_model.bin", weights_only=True)[
+                           "amos.embeddings.word_embeddings.weight"])
