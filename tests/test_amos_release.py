@@ -276,3 +276,47 @@ def test_finetune_reads_the_release_folder_directly(release):
     assert torch.equal(encoder.token_embedding,
                        torch.load(release / "pytorch_model.bin", weights_only=True)[
                            "amos.embeddings.word_embeddings.weight"])
+
+
+# ---- amos-ds convert --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def converted(release, tmp_path_factory, one_process_group) -> Path:
+    from amos_ds.export.convert import convert_release
+
+    return convert_release(release, tmp_path_factory.mktemp("converted") / "run")
+
+
+def test_convert_writes_a_checkpoint_every_reader_accepts(release, converted):
+    from amos_ds.train.checkpoint import META, newest_checkpoint, verify_checkpoint
+
+    tag = newest_checkpoint(converted)
+    assert tag == converted / "checkpoints" / "step_00000000" and verify_checkpoint(tag) is None
+    meta = json.loads((tag / META).read_text())
+    tokenizer = load_tokenizer(release)
+    assert meta["tokenizer_hash"] == tokenizer.hash and meta["files"]
+    assert meta["converted_from"]["fresh"] == ["generators", "mixture_scorer", "mlm_head", "rtd_head"]
+    assert sorted(p.name for p in (converted / "tokenizer").iterdir()) == ["dict.txt", "sp.model"]
+    source = load_source(str(converted))  # what `amos-ds finetune --pretrained` and `amos-ds export` read
+    _, expected = read_release(release)
+    assert source.state.keys() == expected.keys()
+    assert all(torch.equal(source.state[name], expected[name]) for name in expected)
+    assert source.tokenizer.hash == tokenizer.hash and source.config == read_release(release)[0]
+
+
+def test_convert_refuses_bad_input_and_leaves_nothing(release, tmp_path, one_process_group):
+    from amos_ds.export.convert import convert_release
+
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ConfigError, match="taken: already exists"):
+        convert_release(release, tmp_path / "taken")
+    with pytest.raises(ConfigError, match="not a release folder; it needs pytorch_model.bin"):
+        convert_release(tmp_path / "taken", tmp_path / "out")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "sp.model", "dict.txt"):
+        (broken / name).write_bytes((release / name).read_bytes())
+    (broken / "pytorch_model.bin").write_text("not a state dict")
+    with pytest.raises(ConfigError, match="pytorch_model.bin: not a torch.save'd state dict"):
+        convert_release(broken, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "taken"]

@@ -1,4 +1,5 @@
-"""`amos-ds export`: a pretrained encoder as a Hugging Face model folder."""
+"""`amos-ds export`: a pretrained encoder as a Hugging Face model folder; `amos-ds convert`: the authors' release
+folder as an amos-ds run directory."""
 
 import argparse
 import sys
@@ -20,6 +21,35 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def convert_command(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from amos_ds.data.errors import DataError
+    from amos_ds.export.convert import convert_release
+    from amos_ds.pretrain import release_shared_memory, setup_distributed
+    from amos_ds.train.checkpoint import CheckpointError
+    from amos_ds.train.train_config import ConfigError
+
+    started_group = not dist.is_initialized()
+    try:
+        if started_group:
+            setup_distributed()  # DeepSpeed's engine and the trainer's save need one, of one rank here
+        output = convert_release(args.source, args.output, args.seed)
+    except (ConfigError, DataError) as err:
+        print(f"amos-ds: error: {err}", file=sys.stderr)
+        return 2
+    except CheckpointError as err:
+        print(f"amos-ds: error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if started_group and dist.is_initialized():
+            dist.destroy_process_group()
+            release_shared_memory()
+    print(f"wrote {output}: fine-tune it with `amos-ds finetune --pretrained {output}`, continue pretraining with "
+          f"`amos_ds/pretrain.py --init-from {output}` on data preprocessed with --tokenizer {output}/tokenizer")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("export", help="write the discriminator as a Hugging Face model folder",
                                    description=__doc__.splitlines()[0])
@@ -33,3 +63,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="also write the generator (to its deepest head, with the MLM head) to OUT/generator, "
                              "for AutoModelForMaskedLM")
     parser.set_defaults(func=export_command)
+
+    parser = subparsers.add_parser("convert", help="the authors' release folder (microsoft/amos) as an amos-ds run "
+                                                   "directory",
+                                   description="The authors' release folder (pytorch_model.bin, config.json, "
+                                               "sp.model, dict.txt) as an amos-ds run directory with one checkpoint.")
+    parser.add_argument("source", metavar="DIR", help="the release folder: pytorch_model.bin, config.json, sp.model, "
+                                                      "dict.txt")
+    parser.add_argument("output", metavar="OUT", help="new run directory")
+    parser.add_argument("--seed", type=int, default=1234, help="draws the generator and heads the release lacks")
+    parser.set_defaults(func=convert_command)
