@@ -17,13 +17,12 @@ import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 
-from amos_ds.data.errors import DataError
 from amos_ds.data.release_tokenizer import ReleaseTokenizer, pre_tokenize
 from amos_ds.data.tokenizer import load_tokenizer
+from amos_ds.errors import ConfigError, DataError
 from amos_ds.export.amos_release import encoder_from_release, model_config_from_release, read_release
 from amos_ds.finetune.pretrained import TextEncoder, load_source
 from amos_ds.finetune.tasks import Example, encode
-from amos_ds.train.train_config import ConfigError
 
 TEXT = """The film opens in a quiet town, where nothing seems to happen.
 He said, "it's fine" -- isn't it? She didn't answer; they'll see.

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from amos_ds.data.errors import DataError
 from amos_ds.data.indexed import IndexedShard
 from amos_ds.data.permutation import Permutation
 from amos_ds.data.preprocess import MANIFEST, TOKENIZER_DIR
 from amos_ds.data.tokenizer import load_tokenizer
+from amos_ds.errors import DataError
 
 
 class Corpus:

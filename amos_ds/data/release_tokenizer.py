@@ -14,8 +14,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from amos_ds.data.errors import DataError
 from amos_ds.data.tokenizer import SentencepieceTokenizer, token_dtype
+from amos_ds.errors import DataError
 from amos_ds.vocab import SpecialIds
 
 SP_FILE = "sp.model"

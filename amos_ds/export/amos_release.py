@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from amos_ds.config import ModelConfig, get_preset
+from amos_ds.errors import ConfigError
 from amos_ds.model import Encoder
 from amos_ds.model.relative_position import relative_position_bucket
-from amos_ds.train.train_config import ConfigError
 
 WEIGHTS_FILE = "pytorch_model.bin"
 CONFIG_FILE = "config.json"

@@ -2,19 +2,12 @@
 folder as an amos-ds run directory."""
 
 import argparse
-import sys
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from amos_ds.data.errors import DataError
     from amos_ds.export.hf import export_encoder
-    from amos_ds.train.train_config import ConfigError
 
-    try:
-        output = export_encoder(args.source, args.output, args.tokenizer, args.model_config, args.generator)
-    except (ConfigError, DataError) as err:
-        print(f"amos-ds: error: {err}", file=sys.stderr)
-        return 2
+    output = export_encoder(args.source, args.output, args.tokenizer, args.model_config, args.generator)
     print(f"wrote {output}: load it with transformers' AutoModel.from_pretrained({str(output)!r}, "
           "trust_remote_code=True) (or AutoModelForSequenceClassification, AutoModelForTokenClassification, "
           "AutoTokenizer)")
@@ -24,23 +17,14 @@ def export_command(args: argparse.Namespace) -> int:
 def convert_command(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from amos_ds.data.errors import DataError
     from amos_ds.export.convert import convert_release
     from amos_ds.pretrain import release_shared_memory, setup_distributed
-    from amos_ds.train.checkpoint import CheckpointError
-    from amos_ds.train.train_config import ConfigError
 
     started_group = not dist.is_initialized()
     try:
         if started_group:
             setup_distributed()  # DeepSpeed's engine and the trainer's save need one, of one rank here
         output = convert_release(args.source, args.output, args.seed)
-    except (ConfigError, DataError) as err:
-        print(f"amos-ds: error: {err}", file=sys.stderr)
-        return 2
-    except CheckpointError as err:
-        print(f"amos-ds: error: {err}", file=sys.stderr)
-        return 1
     finally:
         if started_group and dist.is_initialized():
             dist.destroy_process_group()

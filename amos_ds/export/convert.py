@@ -9,20 +9,19 @@ release's width), and amos_meta.json says so under `converted_from`.
 """
 
 import os
-import shutil
 from pathlib import Path
 
 import deepspeed
-import torch.distributed as dist
 
+from amos_ds.atomic import staged
 from amos_ds.data.release_tokenizer import ReleaseTokenizer
 from amos_ds.data.tokenizer import copy_tokenizer, load_tokenizer
+from amos_ds.errors import ConfigError
 from amos_ds.export.amos_release import WEIGHTS_FILE, is_release_folder, read_release
 from amos_ds.finetune.pretrained import KEPT_KEYS
 from amos_ds.model import AMOSModel
 from amos_ds.train.checkpoint import RUN_TOKENIZER, _sha256, save_checkpoint, seed_rng
 from amos_ds.train.param_groups import parameter_groups
-from amos_ds.train.train_config import ConfigError
 from amos_ds.train.version import code_version
 
 # One rank, fp32, ZeRO-1: the layout DeepSpeed's zero_to_fp32 (and so every reader of checkpoints) merges. The
@@ -34,7 +33,7 @@ CONVERT_DS_CONFIG = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1,
 
 def convert_release(source: str | os.PathLike, output: str | os.PathLike, seed: int = 1234) -> Path:
     """Write the release folder `source` as the run directory `output` (whole or not at all); needs a process group
-    of one rank. `seed` draws the parts the release lacks."""
+    of one rank (CONVERT_DS_CONFIG's batch). `seed` draws the parts the release lacks."""
     source, output = Path(source), Path(output)
     if output.exists():
         raise ConfigError(f"{output}: already exists; remove it or give a new folder")
@@ -59,16 +58,12 @@ def convert_release(source: str | os.PathLike, output: str | os.PathLike, seed: 
             "converted_from": {"path": str(source.resolve()), "weights_sha256": _sha256(source / WEIGHTS_FILE),
                                "from_release": list(KEPT_KEYS), "fresh": fresh}}
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
     try:
-        copy_tokenizer(source, staging / RUN_TOKENIZER)
-        save_checkpoint(engine, staging, 0, info, sampler_state={}, keep_last=1)
-        if dist.get_rank() == 0:
-            os.replace(staging, output)
+        with staged(output) as folder:
+            folder.mkdir()
+            copy_tokenizer(source, folder / RUN_TOKENIZER)
+            save_checkpoint(engine, folder, 0, info, sampler_state={}, keep_last=1)
     except OSError as err:
         raise ConfigError(f"{output}: cannot write the conversion ({err.strerror}); check free space and "
                           "permissions") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return output

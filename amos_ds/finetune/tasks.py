@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from amos_ds.data.errors import DataError
 from amos_ds.data.tokenizer import SentencepieceTokenizer
+from amos_ds.errors import DataError
 
 SPLITS = ("train", "dev", "test")
 SINGLE, PAIR = ("sentence",), ("sentence1", "sentence2")
