@@ -319,3 +319,68 @@ def test_convert_refuses_bad_input_and_leaves_nothing(release, tmp_path, one_pro
     with pytest.raises(ConfigError, match="pytorch_model.bin: not a torch.save'd state dict"):
         convert_release(broken, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "taken"]
+
+
+# ---- continued pretraining: pretrain.py --init-from --------------------------------------------------------------
+
+def pretrain(tmp_path: Path, name: str, converted: Path, data: Path, steps: int, lr: float = 1e-3,
+             seed: int = 1234) -> Path:
+    """amos_ds/pretrain.py (one process, fp32, ZeRO-1, constant lr) from the conversion, on `data`."""
+    import os
+    import subprocess
+    import sys
+
+    from amos_ds.pretrain import free_port
+
+    ds_config = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 1},
+                 "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.98], "eps": 1e-6,
+                                                           "torch_adam": True}}}
+    (tmp_path / f"{name}.ds.json").write_text(json.dumps(ds_config))
+    (tmp_path / f"{name}.train.json").write_text(json.dumps({"seq_len": 32, "num_workers": 0, "plot": False}))
+    env = {key: value for key, value in os.environ.items() if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    repo = Path(__file__).resolve().parents[1]
+    run_dir = tmp_path / name
+    result = subprocess.run([sys.executable, str(repo / "amos_ds" / "pretrain.py"), "--deepspeed_config",
+                             str(tmp_path / f"{name}.ds.json"), "--config", str(tmp_path / f"{name}.train.json"),
+                             "--data", str(data), "--init-from", str(converted), "--max-steps", str(steps),
+                             "--save-every", "2", "--seed", str(seed), "--fp32", "--run-dir", str(run_dir)],
+                            cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return run_dir
+
+
+def weights(tag: Path) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+
+
+@pytest.mark.slow
+def test_continued_pretraining_starts_from_the_conversion_and_resumes_exactly(converted, tmp_path):
+    from amos_ds.data.preprocess import preprocess
+
+    (tmp_path / "text.txt").write_text("\n".join(TEXT * 25))
+    data = tmp_path / "data"
+    preprocess([str(tmp_path / "text.txt")], str(converted / "tokenizer"), str(data), workers=1, progress=False)
+    start = weights(converted / "checkpoints" / "step_00000000")
+
+    # With lr 0 the weights after a step are the ones it started from: the release's encoder, the run's generator.
+    still = weights(pretrain(tmp_path, "still", converted, data, steps=1, lr=0.0, seed=7) /
+                    "checkpoints" / "step_00000001")
+    for name, tensor in start.items():
+        if name.startswith(("token_embedding", "discriminator.")):
+            assert torch.equal(still[name], tensor), name
+        elif tensor.ndim == 2:  # random matrices (norms and biases start at 1 and 0 in both)
+            assert not torch.equal(still[name], tensor), name
+    meta = json.loads((tmp_path / "still" / "checkpoints" / "step_00000001" / "amos_meta.json").read_text())
+    assert meta["init_from"]["path"] == str((converted / "checkpoints" / "step_00000000").resolve())
+    assert meta["init_from"]["converted_from"] == json.loads(
+        (converted / "checkpoints" / "step_00000000" / "amos_meta.json").read_text())["converted_from"]["path"]
+
+    # Four steps at once, and two then two more (a resume), give the same weights, bit for bit.
+    whole = weights(pretrain(tmp_path, "whole", converted, data, steps=4) / "checkpoints" / "step_00000004")
+    pretrain(tmp_path, "halves", converted, data, steps=2)
+    halves = weights(pretrain(tmp_path, "halves", converted, data, steps=4) / "checkpoints" / "step_00000004")
+    assert whole.keys() == halves.keys() and all(torch.equal(whole[k], halves[k]) for k in whole)
+    assert not torch.equal(whole["discriminator.layers.0.ffn_in.weight"], start["discriminator.layers.0.ffn_in.weight"])

@@ -76,9 +76,9 @@ def locate_checkpoint(path: str | os.PathLike, model_config: str | None = None) 
     return Checkpoint(_model_config(meta["model"], tag / META), meta, tag)
 
 
-def load_weights(checkpoint: Checkpoint, with_generator: bool = False) -> Checkpoint:
-    """`checkpoint` with the encoder's fp32 weights read (and the generator's, when asked): ZeRO 1/2/3 files merged
-    by DeepSpeed's zero_to_fp32."""
+def load_weights(checkpoint: Checkpoint, with_generator: bool = False, everything: bool = False) -> Checkpoint:
+    """`checkpoint` with the encoder's fp32 weights read (and the generator's, when asked; every AMOSModel weight
+    with `everything`, for continued pretraining): ZeRO 1/2/3 files merged by DeepSpeed's zero_to_fp32."""
     if checkpoint.meta:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -91,7 +91,7 @@ def load_weights(checkpoint: Checkpoint, with_generator: bool = False) -> Checkp
             raise ConfigError(f"--pretrained {checkpoint.path}: not a torch.save'd state dict "
                               f"({type(err).__name__})") from None
     kept = KEPT_KEYS + GENERATOR_KEYS if with_generator else KEPT_KEYS
-    checkpoint.state = {name: tensor for name, tensor in state.items() if name.startswith(kept)}
+    checkpoint.state = {name: tensor for name, tensor in state.items() if everything or name.startswith(kept)}
     return checkpoint
 
 
