@@ -384,3 +384,75 @@ def test_continued_pretraining_starts_from_the_conversion_and_resumes_exactly(co
     halves = weights(pretrain(tmp_path, "halves", converted, data, steps=4) / "checkpoints" / "step_00000004")
     assert whole.keys() == halves.keys() and all(torch.equal(whole[k], halves[k]) for k in whole)
     assert not torch.equal(whole["discriminator.layers.0.ffn_in.weight"], start["discriminator.layers.0.ffn_in.weight"])
+
+
+# ---- export --format amos-release ------------------------------------------------------------------------------
+
+def test_export_of_a_conversion_gives_the_release_back(release, converted, tmp_path):
+    from amos_ds.export.to_release import export_release
+
+    out = export_release(str(converted), tmp_path / "again")
+    for name in ("sp.model", "dict.txt"):
+        assert (out / name).read_bytes() == (release / name).read_bytes()
+    config, encoder = read_release(out)
+    original_config, original = read_release(release)  # its token types are folded into the positions
+    assert config == original_config and encoder.keys() == original.keys()
+    assert all(torch.equal(encoder[name], original[name]) for name in original)
+    values = json.loads((out / "config.json").read_text())
+    assert values["type_vocab_size"] == 0 and values["cls_dropout_prob"] == 0.1 and values["model_type"] == "amos"
+    assert "amos.embeddings.token_type_embeddings.weight" not in torch.load(out / "pytorch_model.bin",
+                                                                             weights_only=True)
+
+
+def test_export_of_an_amos_ds_model_and_tokenizer_to_the_release_and_back(tmp_path):
+    from amos_ds.config import get_preset
+    from amos_ds.data.tokenizer import train_tokenizer
+    from amos_ds.export.to_release import export_release
+    from amos_ds.finetune.pretrained import encoder_state
+    from amos_ds.model import AMOSModel
+
+    (tmp_path / "text.txt").write_text("\n".join(TEXT * 20))
+    ours = train_tokenizer([str(tmp_path / "text.txt")], 400, str(tmp_path / "tok"))
+    config = get_preset("tiny", vocab_size=400)
+    torch.manual_seed(0)
+    state = AMOSModel(config).state_dict()
+    torch.save(state, tmp_path / "model.pt")
+    (tmp_path / "model.json").write_text(json.dumps(config.to_dict()))
+    out = export_release(str(tmp_path / "model.pt"), tmp_path / "release", str(tmp_path / "tok"),
+                         str(tmp_path / "model.json"))
+    theirs = load_tokenizer(out)
+    back_config, back = read_release(out)
+    assert isinstance(theirs, ReleaseTokenizer) and theirs.vocab_size == back_config.vocab_size == 400
+    # Ids: [CLS] [PAD] [SEP] [UNK] -> 0-3, piece i -> i - 1, [MASK] -> 399; the embedding rows move with them.
+    moved = torch.tensor([1, 0, 2, 399, 3, *range(4, 399)])
+    kept = encoder_state(state)
+    assert torch.equal(back["token_embedding"][moved], kept["token_embedding"])
+    assert all(torch.equal(back[name], kept[name]) for name in kept if name != "token_embedding")
+    assert back_config.to_dict() == {**config.to_dict(), "head_layers": back_config.head_layers,
+                                     "gen_layers": back_config.gen_layers}
+    # On text without punctuation the release's tokenizer gives the same pieces, so the same hidden states.
+    line = "the film opens in a quiet town where nothing seems to happen"
+    ids = ours.encode(line)
+    assert theirs.encode(line) == moved[ids].tolist()
+    before, after = TextEncoder(config).eval(), TextEncoder(back_config).eval()
+    before.load_state_dict(kept)
+    after.load_state_dict(back)
+    with torch.no_grad():
+        expected = before(torch.tensor([ours.special.single(ids)]), None)
+        got = after(torch.tensor([theirs.special.single(theirs.encode(line))]), None)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_a_piece_fairseq_cannot_hold_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from amos_ds.export.to_release import dictionary_text
+    from amos_ds.vocab import amos_ds_special_ids
+
+    pieces = ["[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]", "\u2581the", "a b", "<s>"]
+    tokenizer = SimpleNamespace(special=amos_ds_special_ids(len(pieces)), id_to_piece=pieces.__getitem__,
+                                directory=tmp_path)
+    with pytest.raises(ConfigError, match=r"piece\(s\) \['a b', '<s>'\] cannot be written to a fairseq dict.txt"):
+        dictionary_text(tokenizer)
+    assert dictionary_text(SimpleNamespace(special=amos_ds_special_ids(6), id_to_piece=pieces.__getitem__,
+                                           directory=tmp_path)) == "\u2581the 1\n"

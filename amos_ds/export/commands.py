@@ -5,6 +5,16 @@ import argparse
 
 
 def export_command(args: argparse.Namespace) -> int:
+    if args.format == "amos-release":
+        from amos_ds.errors import ConfigError
+        from amos_ds.export.to_release import export_release
+
+        if args.generator:
+            raise ConfigError("--generator: the release format holds the discriminator only; use --format hf")
+        output = export_release(args.source, args.output, args.tokenizer, args.model_config)
+        print(f"wrote {output}: the authors' run_glue.py loads it with --model_type amos --model_name_or_path "
+              f"{output}")
+        return 0
     from amos_ds.export.hf import export_encoder
 
     output = export_encoder(args.source, args.output, args.tokenizer, args.model_config, args.generator)
@@ -35,7 +45,8 @@ def convert_command(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("export", help="write the discriminator as a Hugging Face model folder",
+    parser = subparsers.add_parser("export", help="write the discriminator as a Hugging Face model folder, or in the "
+                                                  "authors' release format",
                                    description=__doc__.splitlines()[0])
     parser.add_argument("source", metavar="RUN_DIR|CHECKPOINT",
                         help="run directory (its newest checkpoint), checkpoint folder of any ZeRO stage, or "
@@ -43,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("output", metavar="OUT", help="new folder for the export")
     parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: the run's own)")
     parser.add_argument("--model-config", metavar="FILE", help="ModelConfig JSON, for a state-dict file")
+    parser.add_argument("--format", choices=("hf", "amos-release"), default="hf",
+                        help="hf: a Hugging Face folder with amos-ds's code (default); amos-release: the authors' "
+                             "format (pytorch_model.bin, config.json, sp.model, dict.txt) for their run_glue.py")
     parser.add_argument("--generator", action="store_true",
                         help="also write the generator (to its deepest head, with the MLM head) to OUT/generator, "
                              "for AutoModelForMaskedLM")
