@@ -456,3 +456,24 @@ def test_a_piece_fairseq_cannot_hold_is_refused(tmp_path):
         dictionary_text(tokenizer)
     assert dictionary_text(SimpleNamespace(special=amos_ds_special_ids(6), id_to_piece=pieces.__getitem__,
                                            directory=tmp_path)) == "\u2581the 1\n"
+
+
+@pytest.mark.slow
+def test_convert_command_line(release, tmp_path):
+    """`amos-ds convert` in its own process (it starts its one-rank group), then again onto the same OUT: one line,
+    exit code 2, the first conversion untouched."""
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE",
+                                                                           "MASTER_ADDR", "MASTER_PORT")}
+    command = [sys.executable, "-m", "amos_ds.cli", "convert", str(release), str(tmp_path / "run")]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert f"wrote {tmp_path / 'run'}: fine-tune it with `amos-ds finetune --pretrained" in first.stdout
+    meta = (tmp_path / "run" / "checkpoints" / "step_00000000" / "amos_meta.json").read_bytes()
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and again.stderr.strip().splitlines()[-1] == (
+        f"amos-ds: error: {tmp_path / 'run'}: already exists; remove it or give a new folder")
+    assert (tmp_path / "run" / "checkpoints" / "step_00000000" / "amos_meta.json").read_bytes() == meta
