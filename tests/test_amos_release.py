@@ -477,3 +477,19 @@ def test_convert_command_line(release, tmp_path):
     assert again.returncode == 2 and again.stderr.strip().splitlines()[-1] == (
         f"amos-ds: error: {tmp_path / 'run'}: already exists; remove it or give a new folder")
     assert (tmp_path / "run" / "checkpoints" / "step_00000000" / "amos_meta.json").read_bytes() == meta
+
+
+def test_init_from_refuses_what_does_not_fit_the_run(release, converted, tmp_path):
+    from amos_ds.train.init_from import locate_init
+
+    token_hash = load_tokenizer(release).hash
+    found = locate_init(str(converted), token_hash, {"gen_layers": 2, "head_layers": [1, 2]}, 64)
+    assert (found.config.gen_layers, found.config.hidden_size) == (2, 32)
+    for path, tokens, overrides, seq_len, message in (
+            (release, token_hash, {}, 32, "the authors' release folder; convert it first with `amos-ds convert"),
+            (tmp_path, token_hash, {}, 32, "no complete checkpoint there"),
+            (converted, "0123456789abcdef", {}, 32, "tokenizer .* --data is encoded with 0123456789abcdef"),
+            (converted, token_hash, {}, 65, "seq_len 65 exceeds its max_positions 64"),
+            (converted, token_hash, {"head_layers": [9]}, 32, "the model overrides do not fit its model")):
+        with pytest.raises(ConfigError, match=message):
+            locate_init(str(path), tokens, overrides, seq_len)

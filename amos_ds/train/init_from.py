@@ -9,21 +9,27 @@ position start anew. The run records where it started (`init_from` in every amos
 itself continues from its own checkpoints, as any run does.
 """
 
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from amos_ds.errors import ConfigError
+from amos_ds.export.amos_release import is_release_folder
 from amos_ds.finetune.pretrained import KEPT_KEYS, Checkpoint, load_weights, locate_checkpoint
+from amos_ds.train.checkpoint import newest_checkpoint
 
 
 def locate_init(path: str, tokenizer_hash: str, overrides: dict[str, Any], seq_len: int) -> Checkpoint:
     """The checkpoint `path` names (a tag folder or a run directory), with `overrides` applied to its model config,
     after checking that it fits the run's data; the weights are read later, by load_init."""
+    if is_release_folder(path):
+        raise ConfigError(f"--init-from {path}: the authors' release folder; convert it first with `amos-ds convert "
+                          f"{path} OUT` and give OUT")
+    if not Path(path).is_dir() or newest_checkpoint(Path(path)) is None:
+        raise ConfigError(f"--init-from {path}: no complete checkpoint there; give a checkpoints/step_* folder or a "
+                          "run directory (`amos-ds convert` makes one from the authors' release)")
     checkpoint = locate_checkpoint(path)
-    if not checkpoint.meta:
-        raise ConfigError(f"--init-from {path}: give a checkpoint folder or a run directory (amos-ds convert makes one "
-                          "from the release)")
     if checkpoint.meta["tokenizer_hash"] != tokenizer_hash:
         raise ConfigError(f"--init-from {path}: pretrained with tokenizer {checkpoint.meta['tokenizer_hash']}, --data "
                           f"is encoded with {tokenizer_hash}; preprocess the data with the checkpoint's tokenizer "
