@@ -10,12 +10,15 @@ with amos-ds's code.
 import io
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
+from conftest import PRETRAIN, REPO, subprocess_env
 
 from amos_ds.data.release_tokenizer import ReleaseTokenizer, pre_tokenize
 from amos_ds.data.tokenizer import load_tokenizer
@@ -326,26 +329,18 @@ def test_convert_refuses_bad_input_and_leaves_nothing(release, tmp_path, one_pro
 def pretrain(tmp_path: Path, name: str, converted: Path, data: Path, steps: int, lr: float = 1e-3,
              seed: int = 1234) -> Path:
     """amos_ds/pretrain.py (one process, fp32, ZeRO-1, constant lr) from the conversion, on `data`."""
-    import os
-    import subprocess
-    import sys
-
-    from amos_ds.pretrain import free_port
-
     ds_config = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 1},
                  "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.98], "eps": 1e-6,
                                                            "torch_adam": True}}}
     (tmp_path / f"{name}.ds.json").write_text(json.dumps(ds_config))
     (tmp_path / f"{name}.train.json").write_text(json.dumps({"seq_len": 32, "num_workers": 0, "plot": False}))
-    env = {key: value for key, value in os.environ.items() if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    repo = Path(__file__).resolve().parents[1]
+    env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
     run_dir = tmp_path / name
-    result = subprocess.run([sys.executable, str(repo / "amos_ds" / "pretrain.py"), "--deepspeed_config",
+    result = subprocess.run([sys.executable, str(PRETRAIN), "--deepspeed_config",
                              str(tmp_path / f"{name}.ds.json"), "--config", str(tmp_path / f"{name}.train.json"),
                              "--data", str(data), "--init-from", str(converted), "--max-steps", str(steps),
                              "--save-every", "2", "--seed", str(seed), "--fp32", "--run-dir", str(run_dir)],
-                            cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return run_dir
 
@@ -462,12 +457,7 @@ def test_a_piece_fairseq_cannot_hold_is_refused(tmp_path):
 def test_convert_command_line(release, tmp_path):
     """`amos-ds convert` in its own process (it starts its one-rank group), then again onto the same OUT: one line,
     exit code 2, the first conversion untouched."""
-    import os
-    import subprocess
-    import sys
-
-    env = {key: value for key, value in os.environ.items() if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE",
-                                                                           "MASTER_ADDR", "MASTER_PORT")}
+    env = subprocess_env()
     command = [sys.executable, "-m", "amos_ds.cli", "convert", str(release), str(tmp_path / "run")]
     first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
