@@ -483,3 +483,18 @@ def test_init_from_refuses_what_does_not_fit_the_run(release, converted, tmp_pat
             (converted, token_hash, {"head_layers": [9]}, 32, "the model overrides do not fit its model")):
         with pytest.raises(ConfigError, match=message):
             locate_init(str(path), tokens, overrides, seq_len)
+
+
+def test_masking_reads_the_release_ids(release):
+    from amos_ds.data.masking import mask_tokens
+    from amos_ds.vocab import IGNORE_INDEX
+
+    special = load_tokenizer(release).special  # <s>=0 <pad>=1 </s>=2 <unk>=3, pieces 4..mask-1, <mask> last
+    tokens = torch.randint(0, special.mask + 1, (8, 64), generator=torch.Generator().manual_seed(0)).numpy()
+    tokens[:, 0], tokens[:, -1], tokens[7, 40:] = special.cls, special.sep, special.pad
+    inputs, labels = mask_tokens(tokens, torch.arange(8).numpy(), 3, 0.3, (0.5, 0.5, 0.0), special)
+    masked = labels != IGNORE_INDEX
+    assert masked.any() and special.is_ordinary(tokens[masked]).all() and not masked[tokens < 4].any()
+    assert not masked[tokens == special.mask].any()
+    replaced = inputs[masked & (inputs != special.mask)]
+    assert len(replaced) and replaced.min() >= 4 and replaced.max() < special.mask
