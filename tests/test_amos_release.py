@@ -498,3 +498,25 @@ def test_masking_reads_the_release_ids(release):
     assert not masked[tokens == special.mask].any()
     replaced = inputs[masked & (inputs != special.mask)]
     assert len(replaced) and replaced.min() >= 4 and replaced.max() < special.mask
+
+
+def test_init_from_an_amos_ds_checkpoint_takes_every_weight(release, converted, tmp_path):
+    import shutil
+
+    from amos_ds.model import AMOSModel
+    from amos_ds.train.init_from import init_record, load_init, locate_init
+
+    run = tmp_path / "run"  # the conversion without its mark: a run that pretrained every weight
+    shutil.copytree(converted, run)
+    meta_path = run / "checkpoints" / "step_00000000" / "amos_meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["converted_from"]
+    meta_path.write_text(json.dumps(meta))
+    found = locate_init(str(run), load_tokenizer(release).hash, {}, 32)
+    torch.manual_seed(99)
+    model = AMOSModel(found.config)
+    load_init(found, model)
+    saved = weights(run / "checkpoints" / "step_00000000")
+    assert model.state_dict().keys() == saved.keys()
+    assert all(torch.equal(model.state_dict()[name], saved[name]) for name in saved)
+    assert init_record(found)["loaded"] == "every weight" and init_record(found)["converted_from"] is None
