@@ -520,3 +520,17 @@ def test_init_from_an_amos_ds_checkpoint_takes_every_weight(release, converted, 
     assert model.state_dict().keys() == saved.keys()
     assert all(torch.equal(model.state_dict()[name], saved[name]) for name in saved)
     assert init_record(found)["loaded"] == "every weight" and init_record(found)["converted_from"] is None
+
+
+def test_the_launch_plan_counts_the_model_of_the_init_checkpoint(converted, tmp_path):
+    from amos_ds.model import AMOSModel
+    from amos_ds.train import launch
+    from amos_ds.train.hostfile import Host
+    from amos_ds.train.train_config import TrainConfig
+
+    config = TrainConfig(preset="base", init_from=str(converted), model={"gen_layers": 4, "head_layers": [2, 4]},
+                         run_dir=str(tmp_path / "run"))
+    plan = launch.make_plan("h", [Host("localhost", 2)], config, throughput_from=None)
+    model_config = load_source(str(converted)).config.replace(gen_layers=4, head_layers=(2, 4))
+    with torch.device("meta"):
+        assert plan.parameters == sum(p.numel() for p in AMOSModel(model_config).parameters())

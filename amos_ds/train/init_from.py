@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from amos_ds.config import ModelConfig
 from amos_ds.errors import ConfigError
 from amos_ds.export.amos_release import is_release_folder
 from amos_ds.finetune.pretrained import KEPT_KEYS, Checkpoint, load_weights, locate_checkpoint
@@ -30,18 +31,28 @@ def locate_init(path: str, tokenizer_hash: str, overrides: dict[str, Any], seq_l
         raise ConfigError(f"--init-from {path}: no complete checkpoint there; give a checkpoints/step_* folder or a "
                           "run directory (`amos-ds convert` makes one from the authors' release)")
     checkpoint = locate_checkpoint(path)
+    checkpoint.config = with_overrides(checkpoint.config, overrides, path)
     if checkpoint.meta["tokenizer_hash"] != tokenizer_hash:
         raise ConfigError(f"--init-from {path}: pretrained with tokenizer {checkpoint.meta['tokenizer_hash']}, --data "
                           f"is encoded with {tokenizer_hash}; preprocess the data with the checkpoint's tokenizer "
                           "(RUN_DIR/tokenizer)")
-    try:
-        checkpoint.config = checkpoint.config.replace(**overrides)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"--init-from {path}: the model overrides do not fit its model ({err})") from None
     if seq_len > checkpoint.config.max_positions:
         raise ConfigError(f"--init-from {path}: seq_len {seq_len} exceeds its max_positions "
                           f"{checkpoint.config.max_positions}; set seq_len in --config")
     return checkpoint
+
+
+def with_overrides(config: ModelConfig, overrides: dict[str, Any], path: str) -> ModelConfig:
+    """The checkpoint's model with the run's `model` overrides: the model the trainer builds."""
+    try:
+        return config.replace(**overrides)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"--init-from {path}: the model overrides do not fit its model ({err})") from None
+
+
+def init_model_config(path: str, overrides: dict[str, Any]) -> ModelConfig:
+    """The model a run with `--init-from path` builds, without reading weights or data (for `amos-ds launch`)."""
+    return with_overrides(locate_checkpoint(path).config, overrides, path)
 
 
 def converted(checkpoint: Checkpoint) -> bool:
