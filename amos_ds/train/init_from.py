@@ -69,7 +69,7 @@ def load_init(checkpoint: Checkpoint, model: nn.Module) -> None:
         result = model.load_state_dict(state, strict=not converted(checkpoint))
     except RuntimeError as err:
         raise ConfigError(f"--init-from {checkpoint.path}: its weights do not fit the model "
-                          f"({str(err).splitlines()[1].strip()}); drop the model overrides that change "
+                          f"({str(err).strip().splitlines()[-1].strip()}); drop the model overrides that change "
                           "shapes") from None
     if result.unexpected_keys or any(name.startswith(KEPT_KEYS) for name in result.missing_keys):
         raise ConfigError(f"--init-from {checkpoint.path}: not an AMOS encoder ({result})")
