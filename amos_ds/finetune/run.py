@@ -54,8 +54,10 @@ class FinetuneConfig:
             if batch_size < 1:
                 raise ConfigError(f"--batch-size {batch_size}: a batch size must be at least 1 (e.g. 32)")
         for flag, values in (("--lr", self.lr), ("--batch-size", self.batch_size), ("--seeds", self.seeds)):
-            if values is not None and len(set(values)) != len(values):
-                raise ConfigError(f"{flag} {' '.join(f'{v:g}' for v in values)}: a value is given twice")
+            repeated = [value for i, value in enumerate(values or ()) if value in values[:i]]
+            if repeated:
+                raise ConfigError(f"{flag} {' '.join(f'{v:g}' for v in values)}: {repeated[0]:g} is given twice; "
+                                  "list each value once")
         if self.max_len < 4:
             raise ConfigError(f"--max-len must leave room for [CLS] and two [SEP], got {self.max_len}")
         if not 0.0 <= self.warmup < 1.0:
