@@ -287,6 +287,7 @@ def test_reads_real_movie_reviews(shared_data):
     assert (len(task.train), len(task.dev), len(task.test)) == (8501, 1044, 1060)
 
 
+@pytest.mark.slow  # pretrains in a subprocess
 @pytest.mark.skipif(not PRETRAIN.exists(), reason="the trainer amos_ds/pretrain.py is not there yet")
 def test_finetunes_from_a_pretrain_checkpoint(synthetic, tmp_path, pretrain_tiny):
     task, _ = synthetic
