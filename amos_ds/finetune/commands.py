@@ -34,8 +34,8 @@ def not_learned_warning(results: dict) -> str | None:
         return None
     return (f"warning: {len(stuck)} of {len(runs)} seed(s) at the best setting (lr {best['lr']:g}, batch "
             f"{best['batch_size']}) ended with train loss {max(run['epochs'][-1]['train_loss'] for run in stuck):.4f}, "
-            f"within 5% of the {results['trivial_train_loss']:.4f} of a prediction that ignores the text: they did "
-            f"not learn; try a higher --lr (e.g. 10x) or more --epochs")
+            f"not 5% below the {results['trivial_train_loss']:.4f} of a prediction that ignores the text: they did "
+            f"not learn; try a higher --lr or more --epochs")
 
 
 def finetune_command(args: argparse.Namespace) -> int:
