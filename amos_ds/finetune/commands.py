@@ -26,25 +26,13 @@ def settings_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def not_learned_warning(results: dict) -> str | None:
-    """One line when some run of the chosen setting ended where it started: at the loss of ignoring the text."""
-    runs, best = results["runs"], results["best"]
-    stuck = [run for run in runs if not run["learned"]]
-    if not stuck:
-        return None
-    return (f"warning: {len(stuck)} of {len(runs)} seed(s) at the best setting (lr {best['lr']:g}, batch "
-            f"{best['batch_size']}) ended with train loss {max(run['epochs'][-1]['train_loss'] for run in stuck):.4f}, "
-            f"not 5% below the {results['trivial_train_loss']:.4f} of a prediction that ignores the text: they did "
-            f"not learn; try a higher --lr or more --epochs")
-
-
 def finetune_command(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
     from amos_ds.data.errors import DataError
     from amos_ds.finetune.pretrained import load_source
-    from amos_ds.finetune.run import FinetuneConfig, finetune
+    from amos_ds.finetune.run import FinetuneConfig, finetune, not_learned_warning
     from amos_ds.finetune.tasks import load_task
     from amos_ds.train.train_config import ConfigError
 

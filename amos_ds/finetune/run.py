@@ -139,6 +139,19 @@ def learned(run: dict, trivial_loss: float) -> bool:
     return run["epochs"][-1]["train_loss"] < NOT_LEARNED_FRACTION * trivial_loss
 
 
+def not_learned_warning(results: dict) -> str | None:
+    """One line when some run of the chosen setting ended where it started: at the loss of ignoring the text."""
+    runs, best = results["runs"], results["best"]
+    stuck = [run for run in runs if not run["learned"]]
+    if not stuck:
+        return None
+    loss = max(run["epochs"][-1]["train_loss"] for run in stuck)
+    return (f"warning: {len(stuck)} of {len(runs)} seed(s) at the best setting (lr {best['lr']:g}, batch "
+            f"{best['batch_size']}) ended with train loss {loss:.4f}, not {1 - NOT_LEARNED_FRACTION:.0%} below the "
+            f"{results['trivial_train_loss']:.4f} of a prediction that ignores the text: they did not learn; try a "
+            "higher --lr or more --epochs")
+
+
 def finetune_seed(source: EncoderSource, task: Task, encoded: dict[str, list], config: FinetuneConfig, lr: float,
                   batch_size: int, seed: int, log: Callable[[str], None] = print) -> dict:
     """Train one seed at one learning rate and batch size for all epochs; dev and test scores after each epoch,
