@@ -30,11 +30,11 @@ def finetune_command(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from amos_ds.data.errors import DataError
+    from amos_ds.atomic import write_atomically
+    from amos_ds.errors import DataError
     from amos_ds.finetune.pretrained import load_source
     from amos_ds.finetune.run import FinetuneConfig, finetune, not_learned_warning
     from amos_ds.finetune.tasks import load_task
-    from amos_ds.train.train_config import ConfigError
 
     try:
         config = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup=args.warmup,
@@ -50,13 +50,9 @@ def finetune_command(args: argparse.Namespace) -> int:
         results = finetune(source, task, config, log=lambda line: print(line, flush=True))
         output = Path(args.output)
         output.mkdir(parents=True, exist_ok=True)
-        (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    except (ConfigError, DataError) as err:
-        print(f"amos-ds: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"amos-ds: error: {err}; check the path and permissions", file=sys.stderr)
-        return 2
+        write_atomically(output / "results.json", json.dumps(results, indent=2) + "\n")
+    except OSError as err:  # a task, checkpoint or output path the message names
+        raise DataError(f"{err}; check the path and permissions") from None
     metric, median, best = results["metric"], results["median"], results["best"]
     print(settings_table(results))
     print(f"{task.name}: best setting lr {best['lr']:g}, batch {best['batch_size']}; median over "
