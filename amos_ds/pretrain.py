@@ -27,7 +27,8 @@ from torch.distributed import distributed_c10d
 
 from amos_ds.data import DataConfig, DataError, PackedDataset, ResumableSampler, build_loader, open_corpora
 from amos_ds.data.builtin import prepare_builtin_corpus
-from amos_ds.data.tokenizer import copy_tokenizer
+from amos_ds.data.tokenizer import Tokenizer, copy_tokenizer
+from amos_ds.finetune.probe import frozen_discriminator, load_probe_task, score_discriminator
 from amos_ds.model import AMOSModel
 from amos_ds.train.checkpoint import (
     RUN_TOKENIZER,
@@ -124,6 +125,8 @@ def train(config: TrainConfig) -> int:
     # Data and model; the vocabulary size comes from the data's tokenizer.
     dataset = open_data(config)
     training, held_out = held_out_split(dataset, config.eval_data, config.eval_batches, global_batch, config.seed)
+    probe_task = load_probe_task(config.probe_task, Tokenizer(dataset.tokenizer_dir), config.seq_len,
+                                 config.probe_train_examples) if config.probe_task and held_out else None
     model_config = config.model_config(dataset.vocab_size)
 
     # Where to continue from. Another world size or ZeRO stage goes through a universal checkpoint. Checked before
@@ -218,6 +221,12 @@ def train(config: TrainConfig) -> int:
         if evaluating:
             record.update(evaluate(engine, engine.device, held_out, micro_batch, data_config, model_config.head_layers,
                                    progress=step / max_steps))
+            if probe_task:
+                probe_started = time.perf_counter()
+                encoder = frozen_discriminator(engine.module, model_config, zero_stage(ds_file) == 3)
+                if rank == 0:
+                    record.update(score_discriminator(encoder, probe_task),
+                                  probe_time_s=time.perf_counter() - probe_started)
             warning = collapse_warning(record) if rank == 0 else None
             if warning:
                 print(warning, flush=True)

@@ -35,8 +35,9 @@ MAX_HELD_OUT_SHARE = 0.1  # the default held-out slice takes at most this share 
 def held_out_split(dataset: PackedDataset, eval_specs: list[str], eval_batches: int, global_batch: int,
                    seed: int) -> tuple[DatasetView, DatasetView | None]:
     """(what training reads, what evaluation reads): `eval_batches` global batches of --eval-data, or else as many
-    of them as fit in a tenth of `dataset`, held out of it (None, and training reads all, when not one fits)."""
-    if eval_specs:
+    of them as fit in a tenth of `dataset`, held out of it (None, and training reads all, when not one fits or
+    `eval_batches` is 0)."""
+    if eval_specs and eval_batches:
         eval_dataset = open_corpora(eval_specs, dataset.seq_len, seed)
         if eval_dataset.tokenizer_hash != dataset.tokenizer_hash:
             raise DataError(f"--eval-data {' '.join(eval_specs)}: preprocessed with tokenizer "

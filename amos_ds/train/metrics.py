@@ -100,8 +100,8 @@ def eval_line(record: dict[str, Any]) -> str:
     mlm = " ".join(f"L{layer} {record[f'eval_mlm_loss_L{layer}']:.3f}/{record[f'eval_mlm_acc_L{layer}']:.3f}"
                    for layer in heads)
     auc = f"{record['eval_rtd_auc']:.3f}" if record["eval_rtd_auc"] is not None else "n/a"
-    probe = (f" | probe {record['probe_accuracy']:.3f} (majority {record['probe_majority']:.3f})"
-             if "probe_accuracy" in record else "")
+    probe = (f" | probe {record['probe_accuracy']:.3f} (majority {record['probe_majority']:.3f}, "
+             f"{record['probe_time_s']:.1f} s)" if "probe_accuracy" in record else "")
     health = (f" | health cos {record['health_mean_cosine']:.3f} rank {record['health_effective_rank']:.1f} "
               f"std {record['health_unit_std']:.3f}" if "health_mean_cosine" in record else "")
     return (f"eval step {record['step']} | mlm loss/acc {mlm} | rtd {record['eval_rtd_loss']:.4f} "

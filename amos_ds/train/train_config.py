@@ -58,13 +58,13 @@ class TrainConfig:
     plot: bool = True  # draw the PNGs into run_dir/plots at the end
     # Held-out evaluation (amos_ds/train/evaluate.py): every eval_every steps and at the end, on eval_batches global
     # batches (train_batch_size samples each) of eval_data, or else of a fixed slice of `data` (at most a tenth of
-    # it) that training then never reads.
+    # it) that training then never reads; eval_batches 0 turns evaluation off.
     eval_data: list[str] = field(default_factory=list)
-    eval_every: int = 100
+    eval_every: int = 200
     eval_batches: int = 8
     # A GLUE-format task folder whose frozen discriminator features a linear probe scores at each evaluation.
     probe_task: str | None = None
-    probe_train_examples: int = 2000  # the probe fits on at most this many of train.tsv's first examples
+    probe_train_examples: int = 1000  # the probe fits on at most this many of train.tsv's examples
     # Faults. A step with a NaN/inf loss is skipped; this many in a row save the last good state and stop the run.
     max_nonfinite_steps: int = 10
     # A collective that waits longer than this (a rank hung or gone) fails, so the job ends and can resume.
@@ -79,7 +79,7 @@ class TrainConfig:
         for name in ("seq_len", "num_workers", "save_every", "keep_last", "log_every", "builtin_vocab_size",
                      "max_nonfinite_steps", "collective_timeout_s", "eval_every", "eval_batches",
                      "probe_train_examples"):
-            minimum = 0 if name == "num_workers" else 1
+            minimum = 0 if name in ("num_workers", "eval_batches") else 1
             if getattr(self, name) < minimum:
                 raise ConfigError(f"TrainConfig.{name} must be at least {minimum}, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -136,9 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-data", dest="eval_data", nargs="+", metavar="DIR[:WEIGHT]",
                         help="held-out corpora (default: a fixed slice of --data that training does not read)")
     parser.add_argument("--eval-every", dest="eval_every", type=int,
-                        help="evaluate on the held-out data every N optimizer steps, and at the end (default 100)")
+                        help="evaluate on the held-out data every N optimizer steps, and at the end (default 200)")
     parser.add_argument("--eval-batches", dest="eval_batches", type=int,
-                        help="held-out global batches (train_batch_size samples each) per evaluation (default 8)")
+                        help="held-out global batches (train_batch_size samples each) per evaluation (default 8; "
+                             "0: no evaluation)")
     parser.add_argument("--probe-task", dest="probe_task", metavar="DIR",
                         help="GLUE-format task folder: a linear probe on frozen discriminator features at each "
                              "evaluation")
