@@ -25,14 +25,14 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from torch.distributed import distributed_c10d
 
-from amos_ds.data import DataConfig, DataError, PackedDataset, ResumableSampler, build_loader, open_corpora
+from amos_ds.data import DataConfig, PackedDataset, ResumableSampler, build_loader, open_corpora
 from amos_ds.data.builtin import prepare_builtin_corpus
 from amos_ds.data.tokenizer import Tokenizer, copy_tokenizer
+from amos_ds.errors import ConfigError, NonFiniteLoss, exit_code_of
 from amos_ds.finetune.probe import frozen_discriminator, load_probe_task, score_discriminator
 from amos_ds.model import AMOSModel
 from amos_ds.train.checkpoint import (
     RUN_TOKENIZER,
-    CheckpointError,
     check_compatible,
     find_resume,
     load_checkpoint,
@@ -55,11 +55,11 @@ from amos_ds.train.flops import device_peak_tflops, step_flops
 from amos_ds.train.health import collapse_warning
 from amos_ds.train.metrics import MetricsLog, average_over_ranks, memory_gib
 from amos_ds.train.model_inputs import model_inputs
-from amos_ds.train.nonfinite import NonFiniteGuard, NonFiniteLoss
+from amos_ds.train.nonfinite import NonFiniteGuard
 from amos_ds.train.param_groups import parameter_groups
 from amos_ds.train.signals import StopSignal
 from amos_ds.train.summary import write_summary
-from amos_ds.train.train_config import ConfigError, TrainConfig, build_parser, load_train_config
+from amos_ds.train.train_config import TrainConfig, build_parser, load_train_config
 from amos_ds.train.version import code_version
 
 
@@ -273,20 +273,7 @@ def release_shared_memory() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return train(load_train_config(args))
-    except (ConfigError, DataError) as err:
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one line per node, not one per rank
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    except CheckpointError as err:  # not bad input: the disk failed; the checkpoints before it are intact
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        return 1
-    except NonFiniteLoss as err:
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        return 3
+    return exit_code_of(lambda: train(load_train_config(args)), prefix="")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ import torch
 from conftest import run_on_two_ranks, subprocess_env
 from test_train_run import REPO, command, corpus, metrics, run, write_configs  # noqa: F401 (corpus: a fixture)
 
+from amos_ds.errors import ConfigError
 from amos_ds.train import checkpoint
-from amos_ds.train.train_config import ConfigError
 
 BLOB = b"0123456789" * 100
 

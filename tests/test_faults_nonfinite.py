@@ -10,8 +10,8 @@ import torch
 from conftest import subprocess_env
 from test_train_run import REPO, command, corpus, metrics, write_configs  # noqa: F401 (corpus: a fixture)
 
+from amos_ds.errors import ConfigError
 from amos_ds.train.nonfinite import NonFiniteGuard
-from amos_ds.train.train_config import ConfigError
 
 
 def make_engine(zero_stage: int, bf16: bool):

@@ -20,8 +20,8 @@ import torch
 from test_train_metrics import unread
 
 import amos_ds
+from amos_ds.errors import CheckpointError, ConfigError
 from amos_ds.train import checkpoint
-from amos_ds.train.train_config import ConfigError
 from amos_ds.train.version import code_version
 
 MODEL = {"hidden_size": 64, "head_layers": [1, 2, 3], "vocab_impl": "auto"}
@@ -243,8 +243,8 @@ def test_a_failed_save_marks_nothing_and_names_what_is_intact(tmp_path, one_proc
             raise OSError(errno.EIO, "Input/output error", str(file))
 
     with monkeypatch.context() as patch:
-        patch.setattr(checkpoint, "_fsync", fsync_failing_on_the_model_file)
-        with pytest.raises(checkpoint.CheckpointError) as raised:
+        patch.setattr(checkpoint, "fsync", fsync_failing_on_the_model_file)
+        with pytest.raises(CheckpointError) as raised:
             checkpoint.save_checkpoint(engine, tmp_path, 1, info, {}, keep_last=2)
     assert str(raised.value) == (f"saving checkpoint {first} failed: {model_file}: Input/output error; the previous "
                                  "complete checkpoint (none) is intact: free space or fix the disk, then resume with "
@@ -260,7 +260,7 @@ def test_a_failed_save_marks_nothing_and_names_what_is_intact(tmp_path, one_proc
     limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limits[1]))  # a write past 4 KiB fails (EFBIG), no signal
     try:
-        with pytest.raises(checkpoint.CheckpointError) as raised:
+        with pytest.raises(CheckpointError) as raised:
             checkpoint.save_checkpoint(engine, tmp_path, 2, info, {}, keep_last=2)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from amos_ds.data.dataset import PackedDataset
-from amos_ds.data.errors import DataError
 from amos_ds.data.loader import DataConfig, MaskedBatches
+from amos_ds.errors import DataError
 
 
 class DatasetView:

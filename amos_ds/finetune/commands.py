@@ -3,18 +3,16 @@ sentences or sentence pairs, classification or regression. `amos-ds probe`: a li
 of every generator and discriminator layer."""
 
 import argparse
-import sys
 
 
 def finetune_command(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from amos_ds.data.errors import DataError
+    from amos_ds.errors import DataError
     from amos_ds.finetune.pretrained import load_source
     from amos_ds.finetune.run import FinetuneConfig, finetune
     from amos_ds.finetune.tasks import load_task
-    from amos_ds.train.train_config import ConfigError
 
     try:
         config = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup=args.warmup,
@@ -29,12 +27,8 @@ def finetune_command(args: argparse.Namespace) -> int:
         output = Path(args.output)
         output.mkdir(parents=True, exist_ok=True)
         (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    except (ConfigError, DataError) as err:
-        print(f"amos-ds: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"amos-ds: error: {err}; check the path and permissions", file=sys.stderr)
-        return 2
+    except OSError as err:  # a task, checkpoint or output path the message names
+        raise DataError(f"{err}; check the path and permissions") from None
     metric, median = results["metric"], results["median"]
     print(f"{task.name}: median over {len(config.seeds)} seed(s): dev {metric} {median['dev'][metric]:.4f}, "
           f"test {metric} {median['test'][metric]:.4f} (trivial baseline: test "
@@ -45,19 +39,13 @@ def finetune_command(args: argparse.Namespace) -> int:
 def probe_command(args: argparse.Namespace) -> int:
     import torch
 
-    from amos_ds.data.errors import DataError
     from amos_ds.finetune.pretrained import load_source
     from amos_ds.finetune.probe import all_layer_states, load_probe_task, probe_layers
     from amos_ds.model import AMOSModel, Encoder
-    from amos_ds.train.train_config import ConfigError
 
-    try:
-        source = load_source(args.pretrained, args.tokenizer, args.model_config, args.preset, with_generator=True)
-        task = load_probe_task(args.task, source.tokenizer, min(args.max_len, source.config.max_positions),
-                               args.max_train_examples)
-    except (ConfigError, DataError) as err:
-        print(f"amos-ds: error: {err}", file=sys.stderr)
-        return 2
+    source = load_source(args.pretrained, args.tokenizer, args.model_config, args.preset, with_generator=True)
+    task = load_probe_task(args.task, source.tokenizer, min(args.max_len, source.config.max_positions),
+                           args.max_train_examples)
     torch.manual_seed(args.seed)  # the random init of --pretrained none
     state = source.state if source.state is not None else AMOSModel(source.config).state_dict()
     print(f"linear probes of {source.description} on {task.name} ({len(task.train)}/{len(task.dev)} train/dev "

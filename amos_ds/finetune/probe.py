@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from amos_ds.config import ModelConfig
-from amos_ds.data.errors import DataError
 from amos_ds.data.tokenizer import Tokenizer
+from amos_ds.errors import DataError
 from amos_ds.finetune.pretrained import TextEncoder, encoder_state
 from amos_ds.finetune.tasks import batches, encode, load_task
 from amos_ds.model import Encoder

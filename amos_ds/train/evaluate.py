@@ -22,8 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from amos_ds.data import DataConfig, DataError, PackedDataset, open_corpora
+from amos_ds.data import DataConfig, PackedDataset, open_corpora
 from amos_ds.data.held_out import DatasetView, held_out_batches, split_held_out
+from amos_ds.errors import DataError
 from amos_ds.model import AMOSOutput
 from amos_ds.train.health import representation_health
 from amos_ds.train.model_inputs import model_inputs

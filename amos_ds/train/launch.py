@@ -27,8 +27,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from amos_ds.errors import ConfigError
 from amos_ds.train.hostfile import Host, parse_hostfile
-from amos_ds.train.train_config import ConfigError, TrainConfig, build_parser, load_train_config
+from amos_ds.train.train_config import TrainConfig, build_parser, load_train_config
 from amos_ds.train.version import code_version
 
 PRETRAIN = Path(__file__).resolve().parents[1] / "pretrain.py"

@@ -15,16 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from amos_ds.config import ModelConfig, get_preset, with_ablation
+from amos_ds.errors import ConfigError
 
 # Shipped DeepSpeed configs, looked up here when a relative --deepspeed_config is not found from the working directory.
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
 
 COMPILE_CHOICES = ("auto", "on", "off")
-
-
-class ConfigError(ValueError):
-    """Bad input to a training run; the message is one line naming the flag or file and what to do."""
 
 
 @dataclass
