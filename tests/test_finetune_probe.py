@@ -69,4 +69,4 @@ def test_probe_command_prints_one_row_per_layer(task, capsys):
         + [["| discriminator", str(layer)] for layer in range(1, tiny.disc_layers + 1)])
     assert all(row.endswith("| 0.6667 |") and float(row.split(" | ")[2]) == 1.0 for row in rows)  # as above
     assert amos_ds(["probe", "none", "--task", str(task / "missing"), "--tokenizer", str(task / "tokenizer")]) == 2
-    assert "missing" in capsys.readouterr().err
+    assert f"--task {task / 'missing'}: not a folder" in capsys.readouterr().err

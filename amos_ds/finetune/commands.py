@@ -45,7 +45,7 @@ def probe_command(args: argparse.Namespace) -> int:
 
     source = load_source(args.pretrained, args.tokenizer, args.model_config, args.preset, with_generator=True)
     task = load_probe_task(args.task, source.tokenizer, min(args.max_len, source.config.max_positions),
-                           args.max_train_examples)
+                           args.max_train_examples, flag="--task")
     torch.manual_seed(args.seed)  # the random init of --pretrained none
     state = source.state if source.state is not None else AMOSModel(source.config).state_dict()
     print(f"linear probes of {source.description} on {task.name} ({len(task.train)}/{len(task.dev)} train/dev "

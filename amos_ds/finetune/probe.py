@@ -47,13 +47,15 @@ class ProbeTask:
         return sum(label == guess for _, label in self.dev) / len(self.dev)
 
 
-def load_probe_task(directory: str | Path, tokenizer: Tokenizer, max_len: int,
-                    max_train_examples: int | None = None) -> ProbeTask:
+def load_probe_task(directory: str | Path, tokenizer: Tokenizer, max_len: int, max_train_examples: int | None = None,
+                    flag: str = "--probe-task") -> ProbeTask:
     """A classification task's train and dev splits, tokenised; of train, at most `max_train_examples` spread evenly
-    over the file (task files are often sorted by label)."""
+    over the file (task files are often sorted by label). `flag` names the folder in error messages."""
+    if not Path(directory).is_dir():
+        raise DataError(f"{flag} {directory}: not a folder; give one holding train.tsv, dev.tsv and test.tsv")
     task = load_task(directory)
     if task.regression:
-        raise DataError(f"--probe-task {directory}: a probe needs class labels")
+        raise DataError(f"{flag} {directory}: a probe needs class labels")
     count = min(len(task.train), max_train_examples or len(task.train))
     train = encode([task.train[k * len(task.train) // count] for k in range(count)], tokenizer, task.labels, max_len)
     return ProbeTask(task.name, len(task.labels), train, encode(task.dev, tokenizer, task.labels, max_len))
