@@ -86,6 +86,6 @@ def test_summary_reports_the_last_held_out_evaluation():
         "best constant guess (0.410); accuracy on replaced tokens 0.007, on original tokens 0.999",
         "summary (held-out, step 4): linear probe on frozen discriminator features, mr dev accuracy 0.550 against "
         "0.500 for the majority class",
-        "summary (held-out, step 4): discriminator token states COLLAPSED: mean cosine 0.950 (collapsed from 0.9), "
+        "summary (held-out, step 4): discriminator token states COLLAPSED: mean cosine 0.950 (collapsed from 0.97), "
         "effective rank 1.5 (collapsed below 2), per-unit std 0.010"]
     assert learning_summary(records[:1], entropy=6.5)["held_out"] is None  # never evaluated: the training lines
