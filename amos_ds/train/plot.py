@@ -104,8 +104,8 @@ def plot_run(run_dir: Path | str) -> list[Path]:
         rank = health.twinx()
         rank.plot(*_series(records, "health_effective_rank"), marker="s", color="tab:green", label="effective rank")
         rank.set(ylabel="effective rank", ylim=(0, None))
-        health.legend(loc="upper left")
-        rank.legend(loc="upper right")
+        health.legend(loc="lower left")
+        rank.legend(loc="lower right")
         save(fig, "held_out.png")
 
     fig, (speed, mfu) = plt.subplots(1, 2, figsize=(11, 4))
