@@ -264,11 +264,16 @@ def stop_after_nonfinite_losses(engine, run_dir: Path, step: int, info: dict, sa
                         f"good weights in {path}; lower the learning rate or check the data, then --resume auto")
 
 
+def shared_memory_buffer(uid: object, master_addr: object, master_port: object, local_rank: object) -> Path:
+    """The /dev/shm buffer (66 MB) of one rank's DeepSpeed CPU all-reduce, named as DeepSpeed's shm.cpp names it;
+    "*" for a field gives a glob pattern."""
+    return Path("/dev/shm", f"deepspeed_allreduce_buffer_{uid}_{master_addr}_{master_port}_{local_rank}")
+
+
 def release_shared_memory() -> None:
-    """DeepSpeed's CPU all-reduce leaves a /dev/shm buffer (66 MB) per rank behind at exit: remove this rank's."""
+    """DeepSpeed leaves this rank's all-reduce buffer behind at exit: remove it."""
     env = os.environ
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env['MASTER_ADDR']}_{env['MASTER_PORT']}_{env['LOCAL_RANK']}"
-    Path("/dev/shm", name).unlink(missing_ok=True)
+    shared_memory_buffer(os.getuid(), env["MASTER_ADDR"], env["MASTER_PORT"], env["LOCAL_RANK"]).unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

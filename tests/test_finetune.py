@@ -224,6 +224,7 @@ def test_reads_real_movie_reviews(shared_data):
 
 
 @pytest.mark.skipif(not PRETRAIN.exists(), reason="the trainer amos_ds/pretrain.py is not there yet")
+@pytest.mark.slow
 def test_finetunes_from_a_pretrain_checkpoint(synthetic, tmp_path, pretrain_tiny):
     task, _ = synthetic
     run_dir = pretrain_tiny(steps=2, zero_stage=1, vocab_size=1024)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train_metrics import unread
+from conftest import unread
 
 import amos_ds
 from amos_ds.errors import CheckpointError, ConfigError
@@ -150,6 +150,7 @@ def linear_engine(**config):
     return deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)[0]
 
 
+@pytest.mark.slow
 def test_save_resume_and_universal_conversion_with_a_real_engine(one_process_group, tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("LOCAL_RANK", "0")  # what a launcher sets, and DeepSpeed's engine asks for
     trained = linear_engine()
@@ -196,6 +197,7 @@ def test_save_resume_and_universal_conversion_with_a_real_engine(one_process_gro
     assert torch.equal(universal.module.weight, trained.module.weight)
 
 
+@pytest.mark.slow
 def test_a_failed_universal_conversion_is_one_error_with_the_converters_last_line(one_process_group, tmp_path,
                                                                                    monkeypatch):
     path = fake_checkpoint(tmp_path, 5)  # amos_meta.json but no DeepSpeed files: DeepSpeed's converter fails

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import run_on_two_ranks
 
 from amos_ds.config import get_preset
 from amos_ds.data import DataConfig, open_corpora
@@ -15,7 +16,6 @@ from amos_ds.data.tokenizer import train_tokenizer
 from amos_ds.model import AMOSModel, AMOSOutput
 from amos_ds.train.evaluate import batch_part, eval_metrics, evaluate, roc_auc
 from amos_ds.train.health import collapse_warning, representation_health
-from tests.conftest import run_on_two_ranks
 
 TEXT = "".join(f"Line {i} tells how the {'cat' if i % 3 else 'dog'} sat on mat {i % 7} near {i % 11}.\n\n"
                for i in range(400))

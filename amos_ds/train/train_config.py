@@ -30,7 +30,7 @@ class TrainConfig:
     preset: str = "tiny"
     ablation: str | None = None
     model: dict[str, Any] = field(default_factory=dict)
-    # The data: corpora written by `amos-ds prepare` as DIR[:WEIGHT]; none means the built-in corpus.
+    # The data: corpora written by `amos-ds preprocess` as DIR[:WEIGHT]; none means the built-in corpus.
     data: list[str] = field(default_factory=list)
     builtin_cache: str = "~/.cache/amos-ds"
     builtin_vocab_size: int = 8192
