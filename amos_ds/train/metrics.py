@@ -4,10 +4,10 @@ metrics.jsonl holds one JSON object per optimizer step with `step`, every model 
 micro-batches and all ranks), `lr`, `grad_norm`, `tokens_per_s`, `tflops` (model TFLOP/s per device), `mfu`,
 `data_wait_s`, `step_time_s`, `mem_gib`, `world_size`, `skipped_steps` (DeepSpeed's count of steps not applied,
 amos_ds/train/nonfinite.py) and, with TrainConfig.log_samples, `samples` (the step's samples' numbers in the whole
-dataset, every rank's in rank order; at an evaluation also `eval_samples`, the held-out ones'). A step that evaluated on held-out data adds its `eval_*`, `health_*` and `probe_*` keys
-(amos_ds/train/evaluate.py) and a second console line. TensorBoard events go through DeepSpeed's monitor (the
-`tensorboard` section of the DeepSpeed config, pointed at RUN_DIR/tensorboard), under `Train/<name>`, and the
-held-out keys under `Eval/<name>`.
+dataset, every rank's in rank order; at an evaluation also `eval_samples`, the held-out ones'). A step that
+evaluated on held-out data adds its `eval_*`, `health_*` and `probe_*` keys (amos_ds/train/evaluate.py) and a
+second console line. TensorBoard events go through DeepSpeed's monitor (the `tensorboard` section of the DeepSpeed
+config, pointed at RUN_DIR/tensorboard), under `Train/<name>`, and the held-out keys under `Eval/<name>`.
 """
 
 import json

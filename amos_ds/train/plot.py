@@ -22,6 +22,13 @@ def _series(records: list[dict], name: str) -> tuple[list[int], list[float]]:
     return [step for step, _ in points], [value for _, value in points]
 
 
+def _plot_held_out(ax, records: list[dict], name: str, **style) -> None:
+    """A held-out series as dots joined by dashes, when the run evaluated."""
+    steps, values = _series(records, name)
+    if steps:
+        ax.plot(steps, values, marker="o", linestyle="--", **style)
+
+
 def _head_layers(records: list[dict], prefix: str) -> list[str]:
     return sorted((name for name in records[-1] if name.startswith(prefix)), key=lambda n: int(n.removeprefix(prefix)))
 
@@ -51,18 +58,16 @@ def plot_run(run_dir: Path | str) -> list[Path]:
     mlm.plot(*_series(records, "mlm_loss"), label="MLM, sum of heads", color="black")
     for name in _head_layers(records, "mlm_loss_L"):
         line, = mlm.plot(*_series(records, name), label=f"head at layer {name.removeprefix('mlm_loss_L')}")
-        mlm.plot(*_series(records, f"eval_{name}"), marker="o", linestyle="--", color=line.get_color(),
-                 label=f"held-out, layer {name.removeprefix('mlm_loss_L')}")
+        _plot_held_out(mlm, records, f"eval_{name}", color=line.get_color(),
+                       label=f"held-out, layer {name.removeprefix('mlm_loss_L')}")
     summary = read_summary(run_dir)
     if summary:  # a generator that ignores the context scores the unigram entropy at best
         mlm.axhline(summary["unigram_entropy"], color="grey", linestyle=":", label="unigram entropy of the data")
     mlm.set(title="generator MLM loss", xlabel="step", ylabel="cross-entropy")
     mlm.legend()
     rtd.plot(*_series(records, "rtd_loss"), color="tab:red", label="RTD loss")
-    rtd.plot(*_series(records, "eval_rtd_loss"), color="tab:red", marker="o", linestyle="--", label="held-out")
-    rtd.plot(*_series(records, "eval_rtd_loss_constant"), color="grey", marker="o", linestyle="--",
-             label="held-out constant guess")
-    rtd.legend()
+    _plot_held_out(rtd, records, "eval_rtd_loss", color="tab:red", label="held-out")
+    _plot_held_out(rtd, records, "eval_rtd_loss_constant", color="grey", label="held-out constant guess")
     if all("rtd_loss_constant" in record for record in records):  # runs before this metric existed lack it
         rtd.plot(*_series(records, "rtd_loss_constant"), color="grey", linestyle=":", label="best constant guess")
         rtd.legend()
@@ -79,8 +84,8 @@ def plot_run(run_dir: Path | str) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(*_series(records, "disc_acc_replaced"), label="replaced tokens")
     ax.plot(*_series(records, "disc_acc_original"), label="original tokens", linestyle="--")
-    ax.plot(*_series(records, "eval_disc_acc_replaced"), marker="o", label="held-out, replaced")
-    ax.plot(*_series(records, "eval_disc_acc_original"), marker="o", label="held-out, original")
+    _plot_held_out(ax, records, "eval_disc_acc_replaced", label="held-out, replaced")
+    _plot_held_out(ax, records, "eval_disc_acc_original", label="held-out, original")
     ax.set(title="discriminator accuracy (Fig. 3b)", xlabel="step", ylabel="accuracy", ylim=(0, 1))
     ax.legend(loc="center right")  # clear of the curves near 0 and 1
     save(fig, "disc_accuracy.png")
