@@ -64,7 +64,7 @@ def plot_run(run_dir: Path | str) -> list[Path]:
     if summary:  # a generator that ignores the context scores the unigram entropy at best
         mlm.axhline(summary["unigram_entropy"], color="grey", linestyle=":", label="unigram entropy of the data")
     mlm.set(title="generator MLM loss", xlabel="step", ylabel="cross-entropy")
-    mlm.legend()
+    mlm.legend(fontsize="small")
     rtd.plot(*_series(records, "rtd_loss"), color="tab:red", label="RTD loss")
     _plot_held_out(rtd, records, "eval_rtd_loss", color="tab:red", label="held-out")
     _plot_held_out(rtd, records, "eval_rtd_loss_constant", color="grey", label="held-out constant guess")
