@@ -189,6 +189,11 @@ def probe_task_missing(tmp, cache):
         f"--probe-task {tmp / 'absent'}: not a folder"
 
 
+
+@case
+def probe_checkpoint_missing(tmp, cache):
+    return "cli", ["probe", str(tmp / "absent"), "--task", str(tmp)], f"--pretrained {tmp / 'absent'}: no such file"
+
 # Data.
 @case
 def data_folder_missing(tmp, cache):
