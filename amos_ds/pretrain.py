@@ -27,7 +27,7 @@ from torch.distributed import distributed_c10d
 
 from amos_ds.data import DataConfig, PackedDataset, ResumableSampler, build_loader, open_corpora
 from amos_ds.data.builtin import prepare_builtin_corpus
-from amos_ds.data.tokenizer import Tokenizer, copy_tokenizer
+from amos_ds.data.tokenizer import copy_tokenizer, load_tokenizer
 from amos_ds.errors import ConfigError, NonFiniteLoss, exit_code_of
 from amos_ds.finetune.probe import frozen_discriminator, load_probe_task, score_discriminator
 from amos_ds.model import AMOSModel
@@ -53,6 +53,7 @@ from amos_ds.train.ds_config import (
 from amos_ds.train.evaluate import evaluate, held_out_split
 from amos_ds.train.flops import device_peak_tflops, step_flops
 from amos_ds.train.health import collapse_warning
+from amos_ds.train.init_from import init_record, load_init, locate_init
 from amos_ds.train.metrics import MetricsLog, average_over_ranks, memory_gib
 from amos_ds.train.model_inputs import model_inputs
 from amos_ds.train.nonfinite import NonFiniteGuard
@@ -125,9 +126,11 @@ def train(config: TrainConfig) -> int:
     # Data and model; the vocabulary size comes from the data's tokenizer.
     dataset = open_data(config)
     training, held_out = held_out_split(dataset, config.eval_data, config.eval_batches, global_batch, config.seed)
-    probe_task = load_probe_task(config.probe_task, Tokenizer(dataset.tokenizer_dir), config.seq_len,
+    probe_task = load_probe_task(config.probe_task, load_tokenizer(dataset.tokenizer_dir), config.seq_len,
                                  config.probe_train_examples) if config.probe_task and held_out else None
-    model_config = config.model_config(dataset.vocab_size)
+    init = locate_init(config.init_from, dataset.tokenizer_hash, config.model, config.seq_len) \
+        if config.init_from else None
+    model_config = init.config if init else config.model_config(dataset.vocab_size)
 
     # Where to continue from. Another world size or ZeRO stage goes through a universal checkpoint. Checked before
     # anything is written, so that a bad --resume leaves the disk as it was.
@@ -145,6 +148,10 @@ def train(config: TrainConfig) -> int:
 
     seed_rng(config.seed)  # the same initial weights on every rank
     model = AMOSModel(model_config)
+    if init and not resume:
+        load_init(init, model)
+        if rank == 0:
+            print(f"starting from {init.path}: {init_record(init)['loaded']}", flush=True)
     compiled = should_compile(config.compile, get_accelerator().device_name(), zero_stage(ds_file))
     if compiled:
         model.compile_layers()
@@ -168,7 +175,8 @@ def train(config: TrainConfig) -> int:
 
     info = {"world_size": world_size, "zero_stage": zero_stage(ds_file), "precision": precision(ds_config),
             "tokenizer_hash": dataset.tokenizer_hash, "code_version": code_version(),
-            "model": model_config.to_dict(), "train": config.to_dict(), "deepspeed": ds_config}
+            "model": model_config.to_dict(), "train": config.to_dict(), "deepspeed": ds_config,
+            "init_from": init_record(init) if init else None}
     flops_per_step = step_flops(model_config, config.seq_len, config.mask_prob, global_batch)
     peak_tflops = device_peak_tflops(engine.device, precision(ds_config))
     stop = StopSignal(engine.device)

@@ -239,7 +239,7 @@ def main() -> None:
     print(f"pretraining HF ELECTRA: {args.preset} shapes, {args.pretrain_steps} steps x {args.batch_size} x "
           f"{args.seq_len}", flush=True)
     hf_electra = train_hf_electra(args, corpus, probe_task)
-    config = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=32, warmup=0.1, max_len=args.max_len,
+    config = FinetuneConfig(epochs=args.epochs, lr=[args.lr], batch_size=[32], warmup=0.1, max_len=args.max_len,
                             seeds=args.seeds, device=args.device)
     amos_source = pretrained["AMOS"][0]
     arms = {arm: source for arm, (source, *_) in pretrained.items()}
@@ -269,7 +269,7 @@ def main() -> None:
               f"RTD loss {summary['rtd_loss']:.3f} (best constant guess {summary['rtd_loss_constant']:.3f}), "
               f"accuracy on replaced tokens {summary['disc_acc_replaced']:.3f}")
     print(f"  HF ELECTRA: {args.pretrain_steps} steps in {hf_electra['minutes']:.1f} min (this process)")
-    print(f"fine-tuning: {config.epochs} epochs, lr {config.lr:g}, batch {config.batch_size}, warm-up "
+    print(f"fine-tuning: {config.epochs} epochs, lr {args.lr:g}, batch {config.batch_size[0]}, warm-up "
           f"{config.warmup:g}, dropout {config.dropout:g}, max_len {config.max_len}, seeds {config.seeds}; probe: "
           f"{len(probe_task.train)}/{len(probe_task.dev)} train/dev, majority class {probe_task.majority:.4f}\n")
     print("| encoder | held-out RTD AUC | probe dev acc | test acc (median) | spread (min-max) | dev acc (median) | "

@@ -24,7 +24,7 @@ class DatasetView:
     """Some samples of a PackedDataset renumbered 0..len-1: the held-out ones, or all the others.
 
     Behaves as a dataset for the sampler, the loader and the summary (`len`, `[i]`, `seq_len`, `vocab_size`,
-    tokenizer); `dataset_index(i)` is the number of sample i in the whole dataset.
+    tokenizer, special ids); `dataset_index(i)` is the number of sample i in the whole dataset.
     """
 
     def __init__(self, dataset: PackedDataset, held_out: np.ndarray, is_held_out: bool) -> None:
@@ -38,6 +38,7 @@ class DatasetView:
         self.vocab_size = dataset.vocab_size
         self.tokenizer_hash = dataset.tokenizer_hash
         self.tokenizer_dir = dataset.tokenizer_dir
+        self.special = dataset.special
 
     def __len__(self) -> int:
         return len(self.held_out) if self.is_held_out else len(self.dataset) - len(self.held_out)

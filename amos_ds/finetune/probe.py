@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from amos_ds.config import ModelConfig
-from amos_ds.data.tokenizer import Tokenizer
+from amos_ds.data.tokenizer import SentencepieceTokenizer
 from amos_ds.errors import DataError
 from amos_ds.finetune.pretrained import TextEncoder, encoder_state
 from amos_ds.finetune.tasks import batches, encode, load_task
@@ -39,6 +39,7 @@ class ProbeTask:
     num_labels: int
     train: list[tuple[list[int], int]]
     dev: list[tuple[list[int], int]]
+    pad_id: int  # the tokenizer's
 
     @property
     def majority(self) -> float:
@@ -47,8 +48,8 @@ class ProbeTask:
         return sum(label == guess for _, label in self.dev) / len(self.dev)
 
 
-def load_probe_task(directory: str | Path, tokenizer: Tokenizer, max_len: int, max_train_examples: int | None = None,
-                    flag: str = "--probe-task") -> ProbeTask:
+def load_probe_task(directory: str | Path, tokenizer: SentencepieceTokenizer, max_len: int,
+                    max_train_examples: int | None = None, flag: str = "--probe-task") -> ProbeTask:
     """A classification task's train and dev splits, tokenised; of train, at most `max_train_examples` spread evenly
     over the file (task files are often sorted by label). `flag` names the folder in error messages."""
     if not Path(directory).is_dir():
@@ -58,15 +59,16 @@ def load_probe_task(directory: str | Path, tokenizer: Tokenizer, max_len: int, m
         raise DataError(f"{flag} {directory}: a probe needs class labels")
     count = min(len(task.train), max_train_examples or len(task.train))
     train = encode([task.train[k * len(task.train) // count] for k in range(count)], tokenizer, task.labels, max_len)
-    return ProbeTask(task.name, len(task.labels), train, encode(task.dev, tokenizer, task.labels, max_len))
+    return ProbeTask(task.name, len(task.labels), train, encode(task.dev, tokenizer, task.labels, max_len),
+                     tokenizer.special.pad)
 
 
 @torch.no_grad()
-def pooled_features(layer_states: LayerStates, encoded: list[tuple[list[int], int]],
+def pooled_features(layer_states: LayerStates, encoded: list[tuple[list[int], int]], pad_id: int,
                     device: torch.device) -> list[torch.Tensor]:
     """Per probed layer, [examples, H] float64: the mean of its states over each example's real tokens."""
     per_layer: list[list[torch.Tensor]] = []
-    for batch in batches(encoded, BATCH_SIZE):
+    for batch in batches(encoded, BATCH_SIZE, pad_id):
         mask = batch["attention_mask"].to(device)
         states = layer_states(batch["input_ids"].to(device), mask)
         weights = (mask / mask.sum(1, keepdim=True)).unsqueeze(-1).double()
@@ -97,7 +99,7 @@ def probe_layers(layer_states: LayerStates, task: ProbeTask, device: torch.devic
     """Dev accuracy of a linear probe on each probed layer."""
     train_labels = torch.tensor([label for _, label in task.train])
     dev_labels = torch.tensor([label for _, label in task.dev])
-    train, dev = (pooled_features(layer_states, encoded, device) for encoded in (task.train, task.dev))
+    train, dev = (pooled_features(layer_states, encoded, task.pad_id, device) for encoded in (task.train, task.dev))
     return [probe_accuracy(train_x, train_labels, dev_x, dev_labels, task.num_labels)
             for train_x, dev_x in zip(train, dev)]
 

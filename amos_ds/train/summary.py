@@ -19,7 +19,6 @@ from amos_ds.data import PackedDataset
 from amos_ds.data.held_out import DatasetView
 from amos_ds.train.health import COLLAPSE_EFFECTIVE_RANK, COLLAPSE_MEAN_COSINE, collapse_warning
 from amos_ds.train.metrics import read_metrics
-from amos_ds.vocab import NUM_SPECIAL_TOKENS
 
 LAST_STEPS = 10
 SUMMARY_FILE = "summary.json"  # the numbers of the two lines; `amos-ds plot` draws the entropy from it
@@ -32,7 +31,7 @@ def unigram_entropy(dataset: PackedDataset | DatasetView, max_samples: int = ENT
     counts = np.zeros(dataset.vocab_size, dtype=np.int64)
     for index in indices:
         counts += np.bincount(dataset[index], minlength=dataset.vocab_size)
-    counts[:NUM_SPECIAL_TOKENS] = 0
+    counts[~dataset.special.is_ordinary(np.arange(dataset.vocab_size))] = 0
     probabilities = counts[counts > 0] / counts.sum()
     return float(-(probabilities * np.log(probabilities)).sum())
 
