@@ -14,7 +14,7 @@ from amos_ds.data.held_out import held_out_batches, split_held_out
 from amos_ds.data.preprocess import preprocess
 from amos_ds.data.tokenizer import train_tokenizer
 from amos_ds.model import AMOSModel, AMOSOutput
-from amos_ds.train.evaluate import batch_part, eval_metrics, evaluate, roc_auc
+from amos_ds.train.evaluate import batch_part, eval_metrics, evaluate, held_out_split, roc_auc
 from amos_ds.train.health import collapse_warning, representation_health
 
 TEXT = "".join(f"Line {i} tells how the {'cat' if i % 3 else 'dog'} sat on mat {i % 7} near {i % 11}.\n\n"
@@ -138,3 +138,14 @@ def test_identical_token_states_are_reported_as_collapsed():
     parallel = torch.randn(1, 32) + 0.05 * torch.randn(64, 32)
     assert collapse_warning(representation_health(parallel)) is not None
     assert collapse_warning(representation_health(torch.randn(64, 32))) is None
+
+
+def test_held_out_split_takes_at_most_a_tenth_of_the_data_or_the_eval_data(corpus):
+    dataset = open_corpora([str(corpus)], SEQ_LEN, seed=3)
+    batch = len(dataset) // 25  # a tenth of the data holds two such batches
+    training, held_out = held_out_split(dataset, [], eval_batches=8, global_batch=batch, seed=3)
+    assert len(held_out) == 2 * batch and len(training) == len(dataset) - 2 * batch
+    training, held_out = held_out_split(dataset, [], eval_batches=0, global_batch=batch, seed=3)
+    assert held_out is None and len(training) == len(dataset)
+    training, held_out = held_out_split(dataset, [str(corpus)], eval_batches=3, global_batch=4, seed=3)
+    assert len(training) == len(dataset) and len(held_out) == 12  # --eval-data: training reads all of --data
