@@ -128,10 +128,10 @@ def make_plan(hostfile: str, hosts: list[Host], config: TrainConfig, throughput_
     with torch.device("meta"):
         parameters = sum(p.numel() for p in AMOSModel(model_config).parameters())
     dtype = "fp32" if config.fp32 else precision(ds_config)
-    generator_layers = sum(model_config.head_layers) if model_config.separate_generators else model_config.gen_layers
     state_gib, activation_gib = memory_per_gpu(
-        parameters, generator_layers + model_config.disc_layers, model_config.hidden_size, model_config.num_heads,
-        ds_config["train_micro_batch_size_per_gpu"], config.seq_len, zero_stage(ds_config), dtype, gpus)
+        parameters, model_config.generator_layers_run + model_config.disc_layers, model_config.hidden_size,
+        model_config.num_heads, ds_config["train_micro_batch_size_per_gpu"], config.seq_len, zero_stage(ds_config),
+        dtype, gpus)
     tokens_per_step = ds_config["train_batch_size"] * config.seq_len
     run_dir = Path(config.run_dir)
     done_steps = max((r["step"] for r in read_metrics(run_dir)), default=0)
