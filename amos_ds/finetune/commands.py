@@ -8,6 +8,7 @@ def finetune_command(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from amos_ds.atomic import write_atomically
     from amos_ds.errors import DataError
     from amos_ds.finetune.pretrained import load_source
     from amos_ds.finetune.run import FinetuneConfig, finetune
@@ -25,7 +26,7 @@ def finetune_command(args: argparse.Namespace) -> int:
         results = finetune(source, task, config, log=lambda line: print(line, flush=True))
         output = Path(args.output)
         output.mkdir(parents=True, exist_ok=True)
-        (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_atomically(output / "results.json", json.dumps(results, indent=2) + "\n")
     except OSError as err:  # a task, checkpoint or output path the message names
         raise DataError(f"{err}; check the path and permissions") from None
     metric, median = results["metric"], results["median"]

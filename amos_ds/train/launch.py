@@ -27,6 +27,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from amos_ds.atomic import write_atomically
 from amos_ds.errors import ConfigError
 from amos_ds.train.hostfile import Host, parse_hostfile
 from amos_ds.train.train_config import TrainConfig, build_parser, load_train_config
@@ -296,7 +297,7 @@ def run_launch(args: argparse.Namespace) -> int:
     if uses_ssh(args, hosts):
         check_hosts(hosts, args)
     env_file.parent.mkdir(parents=True, exist_ok=True)
-    env_file.write_text("".join(f"{key}={value}\n" for key, value in sorted(env.items())))
+    write_atomically(env_file, "".join(f"{key}={value}\n" for key, value in sorted(env.items())))
     process_env = {**os.environ, **env, "DS_ENV_FILE": str(env_file)}
     if uses_ssh(args, hosts) and args.ssh_config:
         process_env["PDSH_SSH_ARGS_APPEND"] = (f"{process_env.get('PDSH_SSH_ARGS_APPEND', '')} "
