@@ -293,6 +293,32 @@ def resume_none_over_a_runs_checkpoints(tmp, cache):
         f"--resume none: --run-dir {tmp / 'old'} already holds checkpoints up to step 2"
 
 
+
+# Fine-tuning's hyperparameter grid (checked before any task or checkpoint is read).
+def finetune_flags(tmp: Path, *grid: str) -> list[str]:
+    return ["finetune", "--pretrained", "none", "--task-dir", str(tmp / "task"), *grid, "--output", str(tmp / "out")]
+
+
+@case
+def finetune_negative_learning_rate(tmp, cache):
+    return "cli", finetune_flags(tmp, "--lr", "2e-5", "-0.00003"), "--lr -3e-05: a learning rate must be positive"
+
+
+@case
+def finetune_zero_batch_size(tmp, cache):
+    return "cli", finetune_flags(tmp, "--batch-size", "16", "0"), "--batch-size 0: a batch size must be at least 1"
+
+
+@case
+def finetune_learning_rate_given_twice(tmp, cache):
+    return "cli", finetune_flags(tmp, "--lr", "2e-5", "3e-5", "2e-5"), "--lr 2e-05 3e-05 2e-05: 2e-05 is given twice"
+
+
+@case
+def convert_not_a_release_folder(tmp, cache):
+    return "cli", ["convert", str(tmp), str(tmp / "out")], "not a release folder; it needs pytorch_model.bin"
+
+
 def snapshot(*roots: Path) -> dict[str, bytes]:
     return {str(p): p.read_bytes() for root in roots for p in sorted(root.rglob("*")) if p.is_file()} | \
         {str(p): b"<dir>" for root in roots for p in root.rglob("*") if p.is_dir()}
@@ -300,7 +326,7 @@ def snapshot(*roots: Path) -> dict[str, bytes]:
 
 # `amos-ds` subcommands with no case yet: a subcommand added to the command line fails the test below until it has a
 # case here or is named in this set.
-WITHOUT_CASES = {"plot", "preprocess", "finetune", "export"}
+WITHOUT_CASES = {"plot", "preprocess", "export"}
 
 
 def test_the_catalogue_reaches_every_entry_point(tmp_path, corpus):

@@ -49,6 +49,8 @@ class TrainConfig:
     save_every: int = 1000
     keep_last: int = 3
     resume: str = "auto"  # auto: newest complete checkpoint in run_dir; none: start fresh; or a checkpoint path
+    # A new run from another run's (or `amos-ds convert`'s) checkpoint: its model and weights (train/init_from.py).
+    init_from: str | None = None
     log_every: int = 1
     log_samples: bool = False  # record every step's sample indices in metrics.jsonl (for data-order checks)
     plot: bool = True  # draw the PNGs into run_dir/plots at the end
@@ -116,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-every", dest="save_every", type=int,
                         help="checkpoint every N optimizer steps, and at the end (default 1000)")
     parser.add_argument("--resume", help="auto (newest complete checkpoint), none, or a checkpoint path")
+    parser.add_argument("--init-from", dest="init_from", metavar="CHECKPOINT",
+                        help="start a new run from this checkpoint or run directory (e.g. `amos-ds convert`'s): its "
+                             "model and weights, the run's own data, optimizer and schedule")
     parser.add_argument("--seed", type=int, help="data order, masking, weights, dropout, noise (default 1234)")
     parser.add_argument("--compile", choices=COMPILE_CHOICES,
                         help="torch.compile the encoder layers: auto (on CUDA, ZeRO 0-2; the default), on, off")
