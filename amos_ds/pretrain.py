@@ -32,6 +32,7 @@ from amos_ds.errors import ConfigError, NonFiniteLoss, exit_code_of
 from amos_ds.finetune.probe import frozen_discriminator, load_probe_task, score_discriminator
 from amos_ds.model import AMOSModel
 from amos_ds.train.checkpoint import (
+    CHECKPOINTS,
     RUN_TOKENIZER,
     check_compatible,
     find_resume,
@@ -194,6 +195,9 @@ def train(config: TrainConfig) -> int:
               f"{len(held_out) if held_out else 'no'} held-out samples, "
               f"{'compiled' if compiled else 'eager'} layers", flush=True)
 
+    def save(at_step: int) -> Path:
+        return save_checkpoint(engine, run_dir, at_step, info, sampler.state_dict(), config.keep_last)
+
     step = saved = engine.global_steps
     compile_reported = False
     while step < max_steps and not stop.should_stop():
@@ -213,7 +217,8 @@ def train(config: TrainConfig) -> int:
                       f"{time.perf_counter() - waited:.1f} s", flush=True)
             for name, value in out.metrics.items():  # device tensors, read once per optimizer step
                 sums[name] = sums.get(name, 0.0) + value
-            samples += batch["sample_index"].tolist()
+            if config.log_samples:
+                samples += batch["sample_index"].tolist()
         sampler.advance(global_batch)
         step += 1
 
@@ -247,12 +252,16 @@ def train(config: TrainConfig) -> int:
         if step % config.log_every == 0 or step == max_steps or evaluating:
             log.log(record, max_steps)
         if step % config.save_every == 0 or step == max_steps:
-            save_checkpoint(engine, run_dir, step, info, sampler.state_dict(), config.keep_last)
+            save(step)
             saved = step
-        if nonfinite.after_step():
-            stop_after_nonfinite_losses(engine, run_dir, step, info, sampler.state_dict(), config, saved == step)
+        if nonfinite.after_step():  # save the state (its weights are the last applied step's) and stop
+            path = run_dir / CHECKPOINTS / tag_for(step) if saved == step else save(step)
+            in_a_row = config.max_nonfinite_steps
+            raise NonFiniteLoss(f"steps {step - in_a_row + 1}-{step}: {in_a_row} non-finite losses in a row "
+                                f"(TrainConfig.max_nonfinite_steps), all skipped; saved the last good weights in "
+                                f"{path}; lower the learning rate or check the data, then --resume auto")
     if saved != step:  # stopped by SIGTERM/SIGUSR1
-        path = save_checkpoint(engine, run_dir, step, info, sampler.state_dict(), config.keep_last)
+        path = save(step)
         if rank == 0:
             print(f"stop signal received: saved {path}, exiting", flush=True)
     log.close()
@@ -263,17 +272,6 @@ def train(config: TrainConfig) -> int:
 
         plot_run(run_dir)
     return 0
-
-
-def stop_after_nonfinite_losses(engine, run_dir: Path, step: int, info: dict, sampler_state: dict,
-                                 config: TrainConfig, already_saved: bool) -> None:
-    """Save the state (its weights are the last applied step's) and stop the run with NonFiniteLoss."""
-    path = run_dir / "checkpoints" / tag_for(step)
-    if not already_saved:
-        path = save_checkpoint(engine, run_dir, step, info, sampler_state, config.keep_last)
-    raise NonFiniteLoss(f"steps {step - config.max_nonfinite_steps + 1}-{step}: {config.max_nonfinite_steps} "
-                        f"non-finite losses in a row (TrainConfig.max_nonfinite_steps), all skipped; saved the last "
-                        f"good weights in {path}; lower the learning rate or check the data, then --resume auto")
 
 
 def shared_memory_buffer(uid: object, master_addr: object, master_port: object, local_rank: object) -> Path:
