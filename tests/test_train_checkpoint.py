@@ -47,7 +47,7 @@ def test_resume_auto_takes_the_newest_complete_checkpoint(tmp_path):
     point = checkpoint.find_resume(tmp_path, "auto")
     assert (point.path, point.step) == (newest, 100_000_000)
     assert checkpoint.find_resume(tmp_path, str(tmp_path)).path == newest
-    assert checkpoint.newest_checkpoint(tmp_path / "checkpoints") == newest
+    assert checkpoint.verified_checkpoint(tmp_path / "checkpoints", "--pretrained") == newest
     with pytest.raises(ConfigError, match="no complete checkpoint there"):
         checkpoint.find_resume(tmp_path, str(tmp_path / "checkpoints" / "step_00000300"))
 

@@ -42,6 +42,7 @@ from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
+from amos_ds.train.ds_config import precision
 from amos_ds.train.train_config import ConfigError
 
 CHECKPOINTS = "checkpoints"
@@ -96,26 +97,46 @@ def find_resume(run_dir: Path, resume: str) -> ResumePoint | None:
     are checked by the ranks together."""
     ours = complete_checkpoints(run_dir / CHECKPOINTS)
     if resume == "auto":
-        for path in reversed(ours):
-            problem = verify_checkpoint(path)
-            if problem is None:
-                return _resume_point(path)
-            _warn(f"warning: --resume auto: {problem}; falling back to the previous complete checkpoint")
-        if ours:
-            raise ConfigError(f"--resume auto: none of the {len(ours)} complete checkpoints in {run_dir / CHECKPOINTS}"
-                              " matches its recorded hashes (see the warnings above); restore one, or start another"
-                              " --run-dir with --resume none")
-        return None
-    point = None if resume == "none" else _explicit_resume_point(resume)
+        return _resume_point(_newest_intact(ours, "--resume auto", run_dir / CHECKPOINTS)) if ours else None
+    point = None if resume == "none" else _resume_point(verified_checkpoint(resume, "--resume"))
     if ours and (point is None or _step_of(ours[-1]) > point.step):
         raise ConfigError(f"--resume {resume}: --run-dir {run_dir} already holds checkpoints up to step "
                           f"{_step_of(ours[-1])}, which this run would overwrite; use --resume auto to continue it, "
                           "or another --run-dir")
-    if point is not None:
-        problem = verify_checkpoint(point.path)
-        if problem is not None:
-            raise ConfigError(f"--resume {resume}: {problem}; give another checkpoint, or --resume auto")
     return point
+
+
+def verified_checkpoint(source: Path | str, flag: str) -> Path:
+    """The checkpoint `source` names, with its files checked against the hashes recorded when it was saved: what
+    every reader of checkpoints (resume, export, finetune, initialising from one) calls first.
+
+    A tag folder (RUN_DIR/checkpoints/step_*) must be intact, else a ConfigError names the damaged file; a run
+    directory or checkpoints folder gives its newest intact checkpoint, skipping damaged ones with a warning each,
+    as `--resume auto` does. `flag` names the option in the messages. In a process group, call it on every rank:
+    the ranks share the hashing."""
+    source = Path(source)
+    if (source / META).is_file():
+        problem = verify_checkpoint(source)
+        if problem is not None:
+            raise ConfigError(f"{flag} {source}: {problem}; give another checkpoint, or its run directory (which "
+                              "falls back to the newest intact one)")
+        return source
+    for folder in (source / CHECKPOINTS, source):
+        found = complete_checkpoints(folder)
+        if found:
+            return _newest_intact(found, f"{flag} {source}", folder)
+    raise ConfigError(f"{flag} {source}: no complete checkpoint there (give a checkpoints/step_* folder with {META} "
+                      "or a run directory)")
+
+
+def _newest_intact(tags: list[Path], what: str, folder: Path) -> Path:
+    for path in reversed(tags):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        _warn(f"warning: {what}: {problem}; falling back to the previous complete checkpoint")
+    raise ConfigError(f"{what}: none of the {len(tags)} complete checkpoints in {folder} matches its recorded "
+                      "hashes (see the warnings above); restore one, or start another --run-dir with --resume none")
 
 
 def verify_checkpoint(path: Path) -> str | None:
@@ -162,25 +183,6 @@ def _warn(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def newest_checkpoint(path: Path) -> Path | None:
-    """The complete tag folder that `path` names: itself, or the newest in a checkpoints folder or a run directory."""
-    if (path / META).is_file():
-        return path
-    for folder in (path / CHECKPOINTS, path):
-        found = complete_checkpoints(folder)
-        if found:
-            return found[-1]
-    return None
-
-
-def _explicit_resume_point(resume: str) -> ResumePoint:
-    found = newest_checkpoint(Path(resume))
-    if found is None:
-        raise ConfigError(f"--resume {resume}: no complete checkpoint there (give a checkpoints/step_* folder with "
-                          f"{META}, a run directory, 'auto' or 'none')")
-    return _resume_point(found)
-
-
 def _resume_point(path: Path) -> ResumePoint:
     return ResumePoint(path=path, meta=json.loads((path / META).read_text()))
 
@@ -198,6 +200,51 @@ def check_compatible(point: ResumePoint, tokenizer_hash: str, model_config: dict
         details = ", ".join(f"{name}: {saved.get(name)} -> {now.get(name)}" for name in changed)
         raise ConfigError(f"--resume {point.path}: model differs from the checkpoint's ({details}); use the same "
                           "--preset and config, or --resume none / another --run-dir")
+
+
+# TrainConfig fields that change what is trained (the model is checked by check_compatible); the others (paths,
+# logging, checkpointing, workers, timeouts, --max-steps) may change on resume.
+RUN_TRAIN_FIELDS = ("preset", "ablation", "data", "builtin_vocab_size", "seq_len", "mask_prob", "mask_split", "seed")
+# DeepSpeed config sections that do; batch splits and ZeRO follow the world size, and total_num_steps is --max-steps.
+RUN_DEEPSPEED_FIELDS = ("train_batch_size", "optimizer", "scheduler", "gradient_clipping")
+
+
+def run_settings(train: dict[str, Any], deepspeed: dict[str, Any]) -> dict[str, Any]:
+    """The settings a resume must keep, flattened to {"train.seq_len": 128, "deepspeed.optimizer.params.lr": ...}:
+    from a TrainConfig.to_dict() and a DeepSpeed config (the file, or the derived one a checkpoint records)."""
+    kept = {"train": {name: train.get(name) for name in RUN_TRAIN_FIELDS},
+            "deepspeed": {name: deepspeed.get(name) for name in RUN_DEEPSPEED_FIELDS}}
+    kept = json.loads(json.dumps(kept))  # tuples as lists, as the checkpoint's JSON has them
+    if isinstance(kept["deepspeed"]["scheduler"], dict):
+        kept["deepspeed"]["scheduler"].get("params", {}).pop("total_num_steps", None)
+    kept["deepspeed"]["precision"] = "fp32" if train.get("fp32") else precision(deepspeed)
+    return _flatten(kept, "")
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    if not isinstance(value, dict) or not value:
+        return {prefix: value}
+    flat = {}
+    for name, item in value.items():
+        flat.update(_flatten(item, f"{prefix}.{name}" if prefix else name))
+    return flat
+
+
+def check_settings(point: ResumePoint, settings: dict[str, Any], allow_change: bool) -> dict[str, list]:
+    """The run settings (run_settings) that differ from the checkpoint's, as {name: [old, new]}: refused in one line
+    listing them all, unless `allow_change` (--allow-config-change). Checkpoints that record no settings pass."""
+    if "train" not in point.meta or "deepspeed" not in point.meta:
+        return {}
+    saved = run_settings(point.meta["train"], point.meta["deepspeed"])
+    changed = {name: [saved.get(name), settings.get(name)] for name in sorted(saved.keys() | settings.keys())
+               if saved.get(name) != settings.get(name)}
+    if changed and not allow_change:
+        details = ", ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changed.items())
+        raise ConfigError(f"--resume {point.path}: {len(changed)} setting(s) differ from the checkpoint's "
+                          f"({details}); restore them, pass --allow-config-change to continue with the change "
+                          "recorded, or use another --run-dir")
+    return changed
 
 
 def prepare_universal(point: ResumePoint) -> None:
@@ -323,8 +370,8 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, info: dict[str, Any],
                               "then resume with --resume auto")
     if rank == 0:
         files = {name: entry for rank_files, _ in everyone for name, entry in rank_files.items()}
-        _write_atomically(path / META, json.dumps({"step": step, **info, FILES: files}, indent=2))
-        _write_atomically(checkpoints / LATEST, path.name)
+        write_atomically(path / META, json.dumps({"step": step, **info, FILES: files}, indent=2))
+        write_atomically(checkpoints / LATEST, path.name)
         _prune(checkpoints, keep_last)
     dist.barrier()
     return path
@@ -347,7 +394,8 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
+    """`text` in `path`, whole or not at all: a temporary file, fsynced, renamed over it."""
     temporary = path.with_name(path.name + ".tmp")
     with open(temporary, "w") as f:
         f.write(text)

@@ -1,8 +1,9 @@
 """The settings of one pretraining run: a plain dataclass, filled from its defaults, then `--config FILE`, then flags.
 
 Only what scripts rely on has a flag (`--deepspeed_config`, `--preset`, `--data`, `--run-dir`, `--max-steps`,
-`--save-every`, `--resume`, `--seed`, `--compile`, `--fp32`); everything else lives in the JSON file, whose keys are
-the field names below. Optimizer, schedule, batch size, precision and ZeRO stage belong to the DeepSpeed config.
+`--save-every`, `--resume`, `--allow-config-change`, `--seed`, `--compile`, `--fp32`); everything else lives in the
+JSON file, whose keys are the field names below. Optimizer, schedule, batch size, precision and ZeRO stage belong to
+the DeepSpeed config.
 """
 
 import argparse
@@ -52,6 +53,7 @@ class TrainConfig:
     save_every: int = 1000
     keep_last: int = 3
     resume: str = "auto"  # auto: newest complete checkpoint in run_dir; none: start fresh; or a checkpoint path
+    allow_config_change: bool = False  # resume although settings that alter the run differ (recorded in the run)
     log_every: int = 1
     log_samples: bool = False  # record every step's sample indices in metrics.jsonl (for data-order checks)
     plot: bool = True  # draw the PNGs into run_dir/plots at the end
@@ -119,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-every", dest="save_every", type=int,
                         help="checkpoint every N optimizer steps, and at the end (default 1000)")
     parser.add_argument("--resume", help="auto (newest complete checkpoint), none, or a checkpoint path")
+    parser.add_argument("--allow-config-change", dest="allow_config_change", action="store_true", default=None,
+                        help="resume although the learning rate, batch, masking, data... differ from the "
+                             "checkpoint's; the change is recorded in metrics.jsonl and the checkpoints")
     parser.add_argument("--seed", type=int, help="data order, masking, weights, dropout, noise (default 1234)")
     parser.add_argument("--compile", choices=COMPILE_CHOICES,
                         help="torch.compile the encoder layers: auto (on CUDA, ZeRO 0-2; the default), on, off")
