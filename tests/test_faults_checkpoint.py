@@ -185,9 +185,10 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_exits_non_zero(tmp_path
     assert result.returncode == 1, result.stderr[-3000:]
     assert len(errors) == 1 and errors[0].startswith(f"error: saving checkpoint {run_dir}/checkpoints/step_00000006 "
                                                      f"failed: {run_dir}/checkpoints/step_00000006"), errors
-    assert errors[0].endswith("; the previous complete checkpoint "
+    assert errors[0].endswith("; removed the partial step_00000006, and the previous complete checkpoint "
                               f"({run_dir}/checkpoints/step_00000004) is intact: free space or fix the disk, then "
                               "resume with --resume auto"), errors
     assert {p: p.read_bytes() for p in before} == before
+    assert not (run_dir / "checkpoints/step_00000006").exists()
     assert (run_dir / "checkpoints/latest").read_text() == "step_00000004"
     assert checkpoint.find_resume(run_dir, "auto").step == 4

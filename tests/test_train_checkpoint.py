@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -204,7 +205,7 @@ def test_a_failed_universal_conversion_is_one_error_with_the_converters_last_lin
     os.set_blocking(read_end, False)
     with open(write_end, "w") as pipe, monkeypatch.context() as patch:
         patch.setattr(sys, "stdout", pipe)
-        with pytest.raises(RuntimeError) as raised:
+        with pytest.raises(checkpoint.CheckpointError) as raised:
             checkpoint.prepare_universal(point)
         printed = unread(read_end)  # before the pipe's close flushes it
     os.close(read_end)
@@ -213,7 +214,7 @@ def test_a_failed_universal_conversion_is_one_error_with_the_converters_last_lin
     assert printed.startswith(f"converting {path} for world size 1: {sys.executable} -m deepspeed")
     assert not (path / "universal").exists()
     monkeypatch.setattr(sys, "executable", shutil.which("false"))  # a converter that dies without a word (OOM-killed)
-    with pytest.raises(RuntimeError) as raised:
+    with pytest.raises(checkpoint.CheckpointError) as raised:
         checkpoint.prepare_universal(point)
     assert str(raised.value) == f"converting {path} to a universal checkpoint failed: ?"
 
@@ -246,13 +247,14 @@ def test_a_failed_save_marks_nothing_and_names_what_is_intact(tmp_path, one_proc
         patch.setattr(checkpoint, "_fsync", fsync_failing_on_the_model_file)
         with pytest.raises(checkpoint.CheckpointError) as raised:
             checkpoint.save_checkpoint(engine, tmp_path, 1, info, {}, keep_last=2)
-    assert str(raised.value) == (f"saving checkpoint {first} failed: {model_file}: Input/output error; the previous "
-                                 "complete checkpoint (none) is intact: free space or fix the disk, then resume with "
-                                 "--resume auto")
-    assert model_file.exists() and not (first / checkpoint.META).exists()  # written, never marked complete
+    assert str(raised.value) == (f"saving checkpoint {first} failed: {model_file}: Input/output error; removed the "
+                                 "partial step_00000001, and the previous complete checkpoint (none) is intact: free "
+                                 "space or fix the disk, then resume with --resume auto")
+    assert not first.exists()  # the partial folder is gone: freeing space is all a user must do
     assert not (checkpoints / "latest").exists()
 
-    (first / "stale").write_text("from the failed save")
+    first.mkdir()
+    (first / "stale").write_text("a leftover of a run killed while saving")
     checkpoint.save_checkpoint(engine, tmp_path, 1, info, {}, keep_last=2)
     assert sorted(json.loads((first / checkpoint.META).read_text())[checkpoint.FILES]) == [
         "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]  # the leftover was removed
@@ -268,7 +270,25 @@ def test_a_failed_save_marks_nothing_and_names_what_is_intact(tmp_path, one_proc
     second = checkpoints / "step_00000002"
     first_path, second_path = re.escape(str(first)), re.escape(str(second))
     assert re.fullmatch(rf"saving checkpoint {second_path} failed: {second_path}: a write failed \(\[enforce fail at "
-                        rf"[^\n]+\); the previous complete checkpoint \({first_path}\) is intact: free space or fix "
-                        r"the disk, then resume with --resume auto", str(raised.value)), raised.value
+                        rf"[^\n]+\); removed the partial step_00000002, and the previous complete checkpoint "
+                        rf"\({first_path}\) is intact: free space or fix the disk, then resume with --resume auto",
+                        str(raised.value)), raised.value
+    assert not second.exists()
     assert (checkpoints / "latest").read_text() == first.name
     assert checkpoint.find_resume(tmp_path, "auto").path == first
+
+
+def test_a_bug_while_saving_keeps_its_traceback_and_is_not_called_a_disk_error(tmp_path, one_process_group,
+                                                                              monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    engine = linear_engine()
+
+    def buggy_hash(file: Path) -> str:
+        raise RuntimeError("a bug in the hashing")
+
+    monkeypatch.setattr(checkpoint, "_sha256", buggy_hash)
+    with pytest.raises(RuntimeError) as raised:
+        checkpoint.save_checkpoint(engine, tmp_path, 1, {"world_size": 1, "zero_stage": 1}, {}, keep_last=2)
+    assert type(raised.value) is RuntimeError and str(raised.value) == "a bug in the hashing"
+    assert any(frame.name == "buggy_hash" for frame in traceback.extract_tb(raised.tb))
+    assert not (tmp_path / "checkpoints" / "step_00000001").exists()

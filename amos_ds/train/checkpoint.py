@@ -56,8 +56,13 @@ _TAG = re.compile(r"step_(\d+)")
 IMPLEMENTATION_FIELDS = {"vocab_impl", "attention_impl"}
 
 
+# How torch.save's C++ zip writer reports a write the disk refused (it raises RuntimeError, not OSError).
+TORCH_WRITE_FAILED = re.compile(r"inline_container|PytorchStreamWriter|file write failed")
+
+
 class CheckpointError(RuntimeError):
-    """A checkpoint could not be written; the message is one line naming the file and what is still intact."""
+    """A checkpoint could not be written, converted or loaded; the message is one line naming the file and what is
+    still intact."""
 
 
 def tag_for(step: int) -> str:
@@ -266,7 +271,7 @@ def prepare_universal(point: ResumePoint) -> None:
     box = [error]
     dist.broadcast_object_list(box, src=0)
     if box[0]:
-        raise RuntimeError(box[0])
+        raise CheckpointError(box[0])
 
 
 # The non-tensor types DeepSpeed pickles into its checkpoint files (ZeRO 0-3, fp32 and bf16, checked one by one).
@@ -296,7 +301,7 @@ def load_checkpoint(engine: Any, point: ResumePoint, universal: bool) -> dict[st
     load_dir, tag = (point.path, UNIVERSAL) if universal else (point.path.parent, point.path.name)
     path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
     if path is None:
-        raise RuntimeError(f"DeepSpeed found no checkpoint at {load_dir / tag}")
+        raise CheckpointError(f"DeepSpeed found no checkpoint at {load_dir / tag}; give another --resume")
     return client_state
 
 
@@ -350,7 +355,7 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, info: dict[str, Any],
     rng_states = [None] * dist.get_world_size() if rank == 0 else None
     dist.gather_object(rng_state(), rng_states, dst=0)
     client_state = {"info": info, "sampler": sampler_state, "rng": rng_states}
-    written, error = {}, None
+    written, error, bug = {}, None, None
     try:
         engine.save_checkpoint(str(checkpoints), tag=path.name, client_state=client_state, save_latest=False)
         for file in _files_written_by(path, rank):
@@ -358,18 +363,27 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, info: dict[str, Any],
             written[file.name] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
     except OSError as err:
         error = f"{err.filename or path}: {err.strerror or err}"
-    except RuntimeError as err:  # torch.save reports a failed write from its C++ zip writer this way
-        error = f"{path}: a write failed ({str(err).splitlines()[0]})"
+    except Exception as err:
+        if isinstance(err, RuntimeError) and TORCH_WRITE_FAILED.search(str(err)):
+            error = f"{path}: a write failed ({str(err).splitlines()[0]})"
+        else:  # a bug, not the disk: it keeps its traceback, after the ranks have agreed to stop
+            error, bug = f"{path}: {type(err).__name__}: {err}", err
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (written, error))
-    failed = next((e for _, e in everyone if e), None)
+    dist.all_gather_object(everyone, (written, error, bug is not None))
+    failed = next(((e, is_bug) for _, e, is_bug in everyone if e), None)
     if failed:
+        if rank == 0:  # the partial folder would keep a full disk full
+            shutil.rmtree(path, ignore_errors=True)
+        if bug is not None:
+            raise bug
+        if failed[1]:
+            raise RuntimeError(f"saving checkpoint {path} failed on another rank: {failed[0]}")
         previous = complete_checkpoints(checkpoints)
-        raise CheckpointError(f"saving checkpoint {path} failed: {failed}; the previous complete checkpoint "
-                              f"({previous[-1] if previous else 'none'}) is intact: free space or fix the disk, "
-                              "then resume with --resume auto")
+        raise CheckpointError(f"saving checkpoint {path} failed: {failed[0]}; removed the partial {path.name}, and "
+                              f"the previous complete checkpoint ({previous[-1] if previous else 'none'}) is intact: "
+                              "free space or fix the disk, then resume with --resume auto")
     if rank == 0:
-        files = {name: entry for rank_files, _ in everyone for name, entry in rank_files.items()}
+        files = {name: entry for rank_files, _, _ in everyone for name, entry in rank_files.items()}
         write_atomically(path / META, json.dumps({"step": step, **info, FILES: files}, indent=2))
         write_atomically(checkpoints / LATEST, path.name)
         _prune(checkpoints, keep_last)
