@@ -34,6 +34,7 @@ from amos_ds.train.checkpoint import (
     RUN_TOKENIZER,
     CheckpointError,
     check_compatible,
+    check_free_space,
     check_settings,
     find_resume,
     load_checkpoint,
@@ -150,6 +151,7 @@ def train_locked(config: TrainConfig, rank: int, world_size: int) -> int:
     # Where to continue from. Another world size or ZeRO stage goes through a universal checkpoint. Checked before
     # anything is written, so that a bad --resume leaves the disk as it was.
     resume = find_resume(run_dir, config.resume)
+    check_free_space(run_dir, resume)
     changes = {}
     if resume:
         check_compatible(resume, dataset.tokenizer_hash, model_config.to_dict())

@@ -50,6 +50,7 @@ META = "amos_meta.json"
 FILES = "files"  # amos_meta.json's {file name: {"bytes": size, "sha256": hex digest}} of the files the save wrote
 LATEST = "latest"
 UNIVERSAL = "universal"
+MIN_FREE_BYTES = 64 * 2**20  # a start needs room for the tokenizer copy, logs and a small checkpoint at least
 RUN_TOKENIZER = "tokenizer"  # RUN_DIR/tokenizer: a copy of the data's tokenizer, so a run directory stands alone
 _TAG = re.compile(r"step_(\d+)")
 # ModelConfig fields that choose how, not what, the model computes: free to change on resume (e.g. CPU -> GPU).
@@ -250,6 +251,17 @@ def check_settings(point: ResumePoint, settings: dict[str, Any], allow_change: b
                           f"({details}); restore them, pass --allow-config-change to continue with the change "
                           "recorded, or use another --run-dir")
     return changed
+
+
+def check_free_space(run_dir: Path, point: ResumePoint | None) -> None:
+    """Refuse to start where the next checkpoint cannot fit, so that a full disk fails here in one line rather than
+    inside DeepSpeed: it needs about as much as the one resumed from, and at least MIN_FREE_BYTES."""
+    needed = max(MIN_FREE_BYTES, sum(entry["bytes"] for entry in point.meta.get(FILES, {}).values()) if point else 0)
+    existing = next(folder for folder in (run_dir, *run_dir.absolute().parents) if folder.exists())
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise ConfigError(f"--run-dir {run_dir}: {free / 2**20:.1f} MiB free on its filesystem, a checkpoint needs "
+                          f"about {needed / 2**20:.1f} MiB; free space, then start again")
 
 
 def prepare_universal(point: ResumePoint) -> None:
