@@ -8,6 +8,7 @@ the DeepSpeed config.
 
 import argparse
 import json
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from amos_ds.config import ModelConfig, get_preset, with_ablation
+from amos_ds.data.tokenizer import MIN_VOCAB_SIZE
 
 # Shipped DeepSpeed configs, looked up here when a relative --deepspeed_config is not found from the working directory.
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
@@ -65,7 +67,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.mask_split = tuple(self.mask_split)
         max_positions = self.model_config().max_positions
-        self.seq_len = self.seq_len or max_positions
+        self.seq_len = max_positions if self.seq_len is None else self.seq_len
         if self.seq_len > max_positions:
             raise ConfigError(f"TrainConfig.seq_len {self.seq_len} exceeds the model's max_positions {max_positions}")
         for name in ("seq_len", "num_workers", "save_every", "keep_last", "log_every", "builtin_vocab_size",
@@ -75,8 +77,17 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig.{name} must be at least {minimum}, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"--max-steps must be at least 1, got {self.max_steps}")
+        if self.builtin_vocab_size < MIN_VOCAB_SIZE:
+            raise ConfigError(f"TrainConfig.builtin_vocab_size must be at least {MIN_VOCAB_SIZE}, got "
+                              f"{self.builtin_vocab_size}")
+        if not 0 <= self.seed < 2**32:  # NumPy's and torch's seeds
+            raise ConfigError(f"--seed must be in [0, 2**32), got {self.seed}")
         if not 0.0 < self.mask_prob < 1.0:
             raise ConfigError(f"TrainConfig.mask_prob must be in (0, 1), got {self.mask_prob}")
+        if len(self.mask_split) != 3 or not all(0.0 <= share <= 1.0 for share in self.mask_split) or \
+                abs(sum(self.mask_split) - 1.0) > 1e-6:
+            raise ConfigError(f"TrainConfig.mask_split must be three fractions in [0, 1] summing to 1 ([MASK], "
+                              f"random, unchanged), got {self.mask_split}")
         if self.compile not in COMPILE_CHOICES:
             raise ConfigError(f"--compile must be one of {COMPILE_CHOICES}, got {self.compile!r}")
 
@@ -160,6 +171,8 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     for name, value in values.items():
         if not _has_type(value, hints[name]):
             raise ConfigError(f"--config {path}: {name} must be {_type_name(hints[name])}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):  # Python's JSON reader accepts NaN and Infinity
+            raise ConfigError(f"--config {path}: {name} must be a finite number, got {value}")
     return values
 
 
