@@ -2,12 +2,14 @@
 
 Each subcommand lives beside the code it drives and exposes `register(subparsers)`, which adds its parser and
 sets `func` (taking the parsed args, returning an exit code). Heavy imports stay inside those functions so that
-`amos-ds --help` is instant.
+`amos-ds --help` is instant. An amos_ds.errors error ends any subcommand with one line and its exit code.
 """
 
 import argparse
 import importlib
 import sys
+
+from amos_ds.errors import exit_code_of
 
 # Modules that each register one or more subcommands, in the order `--help` lists them.
 COMMAND_MODULES = (
@@ -28,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    return exit_code_of(lambda: int(args.func(args) or 0))
 
 
 if __name__ == "__main__":

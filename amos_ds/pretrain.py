@@ -26,13 +26,13 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from torch.distributed import distributed_c10d
 
-from amos_ds.data import DataConfig, DataError, PackedDataset, ResumableSampler, build_loader, open_corpora
+from amos_ds.data import DataConfig, PackedDataset, ResumableSampler, build_loader, open_corpora
 from amos_ds.data.builtin import prepare_builtin_corpus
 from amos_ds.data.tokenizer import copy_tokenizer
+from amos_ds.errors import ConfigError, NonFiniteLoss, exit_code_of
 from amos_ds.model import AMOSModel
 from amos_ds.train.checkpoint import (
     RUN_TOKENIZER,
-    CheckpointError,
     check_compatible,
     check_free_space,
     check_settings,
@@ -55,12 +55,12 @@ from amos_ds.train.ds_config import (
 )
 from amos_ds.train.flops import device_peak_tflops, step_flops
 from amos_ds.train.metrics import MetricsLog, average_over_ranks, memory_gib
-from amos_ds.train.nonfinite import NonFiniteGuard, NonFiniteLoss
+from amos_ds.train.nonfinite import NonFiniteGuard
 from amos_ds.train.param_groups import parameter_groups
 from amos_ds.train.run_lock import lock_run_dir
 from amos_ds.train.signals import StopSignal
 from amos_ds.train.summary import write_summary
-from amos_ds.train.train_config import ConfigError, TrainConfig, build_parser, load_train_config
+from amos_ds.train.train_config import TrainConfig, build_parser, load_train_config
 from amos_ds.train.version import code_version
 
 
@@ -282,29 +282,21 @@ def stop_after_nonfinite_losses(engine, run_dir: Path, step: int, info: dict, sa
                         f"good weights in {path}; lower the learning rate or check the data, then --resume auto")
 
 
+def shared_memory_buffer(uid: object, master_addr: object, master_port: object, local_rank: object) -> Path:
+    """The /dev/shm buffer (66 MB) of one rank's DeepSpeed CPU all-reduce, named as DeepSpeed's shm.cpp names it;
+    "*" for a field gives a glob pattern."""
+    return Path("/dev/shm", f"deepspeed_allreduce_buffer_{uid}_{master_addr}_{master_port}_{local_rank}")
+
+
 def release_shared_memory() -> None:
-    """DeepSpeed's CPU all-reduce leaves a /dev/shm buffer (66 MB) per rank behind at exit: remove this rank's."""
+    """DeepSpeed leaves this rank's all-reduce buffer behind at exit: remove it."""
     env = os.environ
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env['MASTER_ADDR']}_{env['MASTER_PORT']}_{env['LOCAL_RANK']}"
-    Path("/dev/shm", name).unlink(missing_ok=True)
+    shared_memory_buffer(os.getuid(), env["MASTER_ADDR"], env["MASTER_PORT"], env["LOCAL_RANK"]).unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return train(load_train_config(args))
-    except (ConfigError, DataError) as err:
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one line per node, not one per rank
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    except CheckpointError as err:  # not bad input: the disk failed; the checkpoints before it are intact
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        return 1
-    except NonFiniteLoss as err:
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        return 3
+    return exit_code_of(lambda: train(load_train_config(args)), prefix="")
 
 
 if __name__ == "__main__":

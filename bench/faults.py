@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from amos_ds.data.builtin import prepare_builtin_corpus  # noqa: E402
-from amos_ds.pretrain import free_port  # noqa: E402
+from amos_ds.pretrain import free_port, shared_memory_buffer  # noqa: E402
 
 PRETRAIN = REPO / "amos_ds" / "pretrain.py"
 KINDS = ("job", "rank", "save", "hang", "corrupt")
@@ -96,7 +96,7 @@ class Job:
             pass
         self.process.wait()
         self.log.close()
-        for buffer in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{self.port}_*"):
+        for buffer in glob.glob(str(shared_memory_buffer("*", "*", self.port, "*"))):
             os.remove(buffer)
 
 

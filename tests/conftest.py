@@ -1,5 +1,9 @@
-"""Test-wide settings: Triton kernels run in the interpreter where there is no GPU; the shared data folder; a
-one-rank process group for the parts of the trainer that talk to their peers; a short real pretraining run."""
+"""Test-wide settings and the helpers test modules share (no test module imports another): Triton kernels run in
+the interpreter where there is no GPU; the shared data folder; a one-rank process group for the parts of the
+trainer that talk to their peers; two-rank functions; the built-in corpus; pretraining runs in subprocesses.
+
+Tests that start more than one process (two ranks, a launcher, subprocess training runs, daemons) are marked
+`slow`; `pytest -m "not slow"` is the fast subset (README, TESTING.md)."""
 
 import atexit
 import contextlib
@@ -8,8 +12,10 @@ import glob
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +23,8 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+
+from amos_ds.data.builtin import prepare_builtin_corpus
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -43,7 +51,9 @@ def subprocess_env() -> dict[str, str]:
 
 def _remove_shared_memory_buffers(port: str) -> None:
     """DeepSpeed's CPU all-reduce buffers of the group on `port` (66 MB each in /dev/shm)."""
-    for buffer in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+    from amos_ds.pretrain import shared_memory_buffer
+
+    for buffer in glob.glob(str(shared_memory_buffer("*", "*", port, "*"))):
         os.remove(buffer)
 
 
@@ -121,3 +131,116 @@ def pretrain_tiny(tmp_path) -> Callable[..., Path]:
         return run_dir
 
     return run
+
+
+# Training runs of amos_ds/pretrain.py in subprocesses, for the end-to-end and fault tests.
+REPO = Path(__file__).resolve().parents[1]
+PRETRAIN = REPO / "amos_ds" / "pretrain.py"
+GLOBAL_BATCH, MICRO_BATCH, SEQ_LEN, VOCAB = 8, 4, 32, 1024
+GLOO_EXIT_ABORT = "terminate called without an active exception"
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """The built-in corpus with a tiny-preset vocabulary, prepared once per session (tests only read it)."""
+    cache = tmp_path_factory.mktemp("builtin")
+    prepare_builtin_corpus(str(cache), VOCAB)
+    return cache
+
+
+def write_configs(directory: Path, corpus: Path, zero_stage: int, lr: float = 1e-3, bf16: bool = False,
+                  vocab_impl: str = "auto") -> list[str]:
+    """A DeepSpeed config and a training config for the tiny runs; returns the pretrain flags naming them."""
+    ds_config = {
+        "train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": MICRO_BATCH,
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.98], "eps": 1e-6,
+                                                  "weight_decay": 0.01, "torch_adam": True}},
+        "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr,
+                                                          "warmup_num_steps": 2, "warmup_type": "linear",
+                                                          "total_num_steps": 100}},
+        "gradient_clipping": 2.0, "bf16": {"enabled": bf16}, "zero_optimization": {"stage": zero_stage},
+    }
+    train_config = {"builtin_cache": str(corpus), "builtin_vocab_size": VOCAB, "seq_len": SEQ_LEN,
+                    "num_workers": 0, "plot": False, "log_samples": True, "model": {"vocab_impl": vocab_impl}}
+    (directory / "ds.json").write_text(json.dumps(ds_config))
+    (directory / "train.json").write_text(json.dumps(train_config))
+    return ["--deepspeed_config", str(directory / "ds.json"), "--config", str(directory / "train.json"),
+            "--preset", "tiny"]
+
+
+def command(ranks: int, port: int, flags: list[str]) -> list[str]:
+    if ranks == 1:
+        return [sys.executable, str(PRETRAIN), *flags]
+    return ["deepspeed", "--num_gpus", str(ranks), "--master_addr", "127.0.0.1", "--master_port", str(port),
+            str(PRETRAIN), *flags]
+
+
+def start(ranks: int, flags: list[str]) -> tuple[subprocess.Popen, int]:
+    from amos_ds.pretrain import free_port
+
+    port = free_port()
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    process = subprocess.Popen(command(ranks, port, flags), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return process, port
+
+
+def finish(process: subprocess.Popen, port: int, timeout: float = 240) -> str:
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    finally:
+        cleanup(process, port)
+    return output
+
+
+def cleanup(process: subprocess.Popen, port: int) -> None:
+    """Kill what is left of the run's process group and remove DeepSpeed's shared-memory buffers for its port."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+    _remove_shared_memory_buffers(str(port))
+
+
+def run(ranks: int, flags: list[str]) -> str:
+    """Run to completion; fail with the output unless it exited 0 (or hit the known gloo abort at exit)."""
+    process, port = start(ranks, flags)
+    output = finish(process, port)
+    assert process.returncode == 0 or GLOO_EXIT_ABORT in output, output[-4000:]
+    return output
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def logged_steps(run_dir: Path) -> int:
+    """How many step records a run has written to metrics.jsonl so far."""
+    log = run_dir / "metrics.jsonl"
+    return log.read_text().count("\n") if log.is_file() else 0
+
+
+def wait_until(done: Callable[[], bool], process: subprocess.Popen, timeout: float = 240, poll: float = 0.05) -> None:
+    """Poll `done()` while `process` runs; fail with its last output if it exits first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if process.poll() is None and time.monotonic() < deadline:
+            time.sleep(poll)
+            continue
+        ended = process.poll() is not None
+        process.kill()
+        pytest.fail(f"{'the run ended' if ended else f'{timeout} s passed'} before the awaited state; its output:\n"
+                    f"{''.join(part or '' for part in process.communicate())[-4000:]}")
+
+
+def complete_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.parent.name.removeprefix("step_")) for p in run_dir.glob("checkpoints/step_*/amos_meta.json"))
+
+
+def unread(read_end: int) -> str:
+    """What has reached a non-blocking pipe so far."""
+    try:
+        return os.read(read_end, 4096).decode()
+    except BlockingIOError:
+        return ""

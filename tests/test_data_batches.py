@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from amos_ds.data import DataConfig, DataError, ResumableSampler, build_loader, open_corpora
+from amos_ds.data import DataConfig, ResumableSampler, build_loader, open_corpora
 from amos_ds.data.dataset import Corpus
 from amos_ds.data.masking import mask_tokens
 from amos_ds.data.permutation import Permutation
 from amos_ds.data.preprocess import preprocess
 from amos_ds.data.tokenizer import train_tokenizer
+from amos_ds.errors import DataError
 from amos_ds.vocab import CLS_ID, IGNORE_INDEX, MASK_ID, NUM_SPECIAL_TOKENS, PAD_ID, SEP_ID
 
 SEQ = 64

@@ -1,19 +1,15 @@
 """The command line: tokenizer train -> preprocess -> inspect, and bad input as one line with exit code 2."""
 
-import argparse
 import gzip
 from pydoc_data.topics import topics
 
 import pytest
 
-from amos_ds.data import commands
+from amos_ds import cli
 
 
 def run(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="amos-ds")
-    commands.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(list(argv))
-    return args.func(args)
+    return cli.main(list(argv))
 
 
 def test_end_to_end(tmp_path, capsys):

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from amos_ds.data.dataset import Corpus
-from amos_ds.data.errors import DataError
 from amos_ds.data.indexed import HEADER, IndexedShard
 from amos_ds.data.loader import open_corpora
 from amos_ds.data.preprocess import preprocess
 from amos_ds.data.tokenizer import Tokenizer, train_tokenizer
+from amos_ds.errors import DataError
 from amos_ds.vocab import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, UNK_ID
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from amos_ds.data.errors import DataError
 from amos_ds.data.sources import MAX_DOCUMENT_CHARS, SourceStats, expand_inputs, iter_documents, iter_sources
 from amos_ds.data.wikipedia import wikitext_to_text
+from amos_ds.errors import DataError
 
 SHARED = Path(os.environ.get("AMOS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 TEXT = "First line of doc one.\nSecond line of doc one.\n\n\nDoc two, only line.\n  \nDoc three.\n"

@@ -138,6 +138,7 @@ def test_mismatched_tokenizer_and_existing_output_are_refused_in_one_line(tokeni
     assert "taken: already exists" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_exports_a_zero3_run_with_its_own_tokenizer_and_refuses_another(tokenizers, tmp_path, capsys,
                                                                        pretrain_tiny):
     _, other_dir = tokenizers

@@ -15,11 +15,10 @@ from pathlib import Path
 import deepspeed
 import pytest
 import torch
-from conftest import run_on_two_ranks, subprocess_env
-from test_train_run import REPO, command, corpus, metrics, run, write_configs  # noqa: F401 (corpus: a fixture)
+from conftest import REPO, command, metrics, run, run_on_two_ranks, subprocess_env, write_configs
 
+from amos_ds.errors import ConfigError
 from amos_ds.train import checkpoint
-from amos_ds.train.train_config import ConfigError
 
 BLOB = b"0123456789" * 100
 
@@ -74,6 +73,7 @@ def test_one_process_without_a_group_hashes_every_file(tmp_path, monkeypatch, ca
     assert checkpoint.find_resume(tmp_path, "auto").step == 200
 
 
+@pytest.mark.slow
 def test_two_ranks_share_the_hashing_and_rank_0_alone_warns(tmp_path):
     hashed_checkpoint(tmp_path, 100)
     newest = hashed_checkpoint(tmp_path, 200)
@@ -148,7 +148,7 @@ def test_checkpoint_files_load_without_running_code(tmp_path, one_process_group)
 
 
 @pytest.fixture(scope="module")
-def four_steps(tmp_path_factory, corpus):  # noqa: F811
+def four_steps(tmp_path_factory, corpus):
     """One rank, fp32, checkpoints at steps 2 and 4 (hashed), and the flags that made them."""
     directory = tmp_path_factory.mktemp("four_steps")
     flags = [*write_configs(directory, corpus, zero_stage=1), "--fp32", "--save-every", "2"]
@@ -156,6 +156,7 @@ def four_steps(tmp_path_factory, corpus):  # noqa: F811
     return directory / "run", flags
 
 
+@pytest.mark.slow
 def test_training_corrupted_checkpoint_resumes_from_the_previous_one_bit_exactly(tmp_path, four_steps):
     source, flags = four_steps
     run_dir = tmp_path / "run"
@@ -171,6 +172,7 @@ def test_training_corrupted_checkpoint_resumes_from_the_previous_one_bit_exactly
     assert checkpoint.verify_checkpoint(run_dir / "checkpoints/step_00000004") is None  # saved anew
 
 
+@pytest.mark.slow
 def test_a_failed_save_keeps_the_previous_checkpoint_and_exits_non_zero(tmp_path, four_steps):
     """RLIMIT_FSIZE makes the kernel refuse the checkpoint's large files (EFBIG), as a full disk would (ENOSPC)."""
     source, flags = four_steps

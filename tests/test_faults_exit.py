@@ -7,9 +7,12 @@ import signal
 import subprocess
 import time
 
-from test_train_run import REPO, command, corpus, write_configs  # noqa: F401 (corpus: a fixture)
+import pytest
+from conftest import REPO, command, write_configs
 
 from amos_ds.pretrain import free_port
+
+pytestmark = pytest.mark.slow  # every test here starts training processes or daemons
 
 
 def processes_left(session: int) -> list[int]:
@@ -22,7 +25,7 @@ def processes_left(session: int) -> list[int]:
     return [int(line.split()[0]) for line in out.splitlines() if line.split()[1][0] != "Z"]
 
 
-def test_back_to_back_runs_on_one_fixed_port_with_loader_workers(tmp_path, corpus):  # noqa: F811
+def test_back_to_back_runs_on_one_fixed_port_with_loader_workers(tmp_path, corpus):
     flags = write_configs(tmp_path, corpus, zero_stage=1)
     train_config = json.loads((tmp_path / "train.json").read_text())
     (tmp_path / "train.json").write_text(json.dumps({**train_config, "num_workers": 2}))

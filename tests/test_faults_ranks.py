@@ -11,7 +11,10 @@ import signal
 import subprocess
 import time
 
-from test_train_run import cleanup, complete_steps, corpus, logged_steps, start, wait_until, write_configs  # noqa: F401
+import pytest
+from conftest import cleanup, complete_steps, logged_steps, start, wait_until, write_configs
+
+pytestmark = pytest.mark.slow  # every test here starts training processes or daemons
 
 TIMEOUT_S = 5
 LAUNCHER_GRACE_S = 30  # deepspeed.launcher.launch: terminate, wait 30 s, kill
@@ -24,7 +27,7 @@ def rank_pids(session: int) -> dict[int, int]:
             for line in out.splitlines() if "pretrain.py" in line and "--local_rank=" in line}
 
 
-def test_a_hung_rank_ends_the_job_within_the_timeout(tmp_path, corpus):  # noqa: F811
+def test_a_hung_rank_ends_the_job_within_the_timeout(tmp_path, corpus):
     flags = write_configs(tmp_path, corpus, zero_stage=1)
     train_config = json.loads((tmp_path / "train.json").read_text())
     (tmp_path / "train.json").write_text(json.dumps({**train_config, "collective_timeout_s": TIMEOUT_S}))

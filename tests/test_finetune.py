@@ -1,7 +1,6 @@
 """Fine-tuning: loading the kept encoder exactly, the paper's head, learning a synthetic task, TSV errors, and
 (when the trainer is there) fine-tuning from a real `amos_ds/pretrain.py` checkpoint."""
 
-import argparse
 import json
 import random
 from pathlib import Path
@@ -11,16 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amos_ds import cli
 from amos_ds.config import get_preset
-from amos_ds.data.errors import DataError
 from amos_ds.data.tokenizer import Tokenizer, train_tokenizer
+from amos_ds.errors import ConfigError, DataError
 from amos_ds.finetune import metrics
 from amos_ds.finetune.classifier import ClassificationHead, SentenceClassifier
-from amos_ds.finetune.commands import register
 from amos_ds.finetune.pretrained import EncoderSource, find_tokenizer, load_source, read_checkpoint
 from amos_ds.finetune.tasks import Example, batches, encode, load_task, read_tsv, truncate_pair
 from amos_ds.model import AMOSModel
-from amos_ds.train.train_config import ConfigError
 from amos_ds.vocab import CLS_ID, PAD_ID, SEP_ID
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,10 +69,7 @@ def synthetic(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def finetune_cli(*flags: str) -> int:
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
-    args = parser.parse_args(["finetune", *flags])
-    return args.func(args)
+    return cli.main(["finetune", *flags])
 
 
 def test_state_dict_file_reproduces_discriminator_hidden_states(tmp_path):
@@ -229,6 +224,7 @@ def test_reads_real_movie_reviews(shared_data):
 
 
 @pytest.mark.skipif(not PRETRAIN.exists(), reason="the trainer amos_ds/pretrain.py is not there yet")
+@pytest.mark.slow
 def test_finetunes_from_a_pretrain_checkpoint(synthetic, tmp_path, pretrain_tiny):
     task, _ = synthetic
     run_dir = pretrain_tiny(steps=2, zero_stage=1, vocab_size=1024)

@@ -3,8 +3,8 @@
 import pytest
 
 from amos_ds.cli import main
+from amos_ds.errors import ConfigError
 from amos_ds.train.hostfile import Host, parse_hostfile
-from amos_ds.train.train_config import ConfigError
 
 
 def test_shipped_hostfiles_parse():

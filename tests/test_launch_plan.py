@@ -1,28 +1,36 @@
 """`amos-ds launch --dry-run`: the plan's numbers for a known config, the command, and .deepspeed_env."""
 
+import glob
 import json
 import os
 
 import pytest
 import torch
 
+from amos_ds import pretrain
 from amos_ds.cli import main
-from amos_ds.config import get_preset
 from amos_ds.model import AMOSModel
 from amos_ds.train import launch
 from amos_ds.train.hostfile import Host
 from amos_ds.train.train_config import TrainConfig
 
 
-def test_plan_for_base_on_two_a100_nodes(tmp_path):
+def trainer_parameters(config: TrainConfig) -> int:
+    """The parameter count of the model pretrain.py's train() builds for this config: its data, then its model."""
+    model_config = config.model_config(pretrain.open_data(config).vocab_size)
+    with torch.device("meta"):
+        return sum(p.numel() for p in AMOSModel(model_config).parameters())
+
+
+def test_plan_for_base_on_two_a100_nodes(tmp_path, corpus):
     measured = tmp_path / "measured"
     measured.mkdir()
     (measured / "metrics.jsonl").write_text("".join(
         json.dumps({"step": step, "tokens_per_s": 1000.0, "world_size": 2}) + "\n" for step in (1, 2)))
-    config = TrainConfig(preset="base", deepspeed_config="ds_configs/base.json", run_dir=str(tmp_path / "run"))
+    config = TrainConfig(preset="base", deepspeed_config="ds_configs/base.json", run_dir=str(tmp_path / "run"),
+                         data=glob.glob(f"{corpus}/builtin-*"))
     plan = launch.make_plan("h", [Host("a", 8), Host("b", 8)], config, throughput_from=measured)
-    with torch.device("meta"):
-        parameters = sum(p.numel() for p in AMOSModel(get_preset("base")).parameters())
+    parameters = trainer_parameters(config)
     assert (plan.nodes, plan.gpus, plan.micro_batch, plan.accumulation) == (2, 16, 32, 4)
     assert (plan.global_batch, plan.seq_len, plan.tokens_per_step) == (2048, 512, 1_048_576)
     assert (plan.total_steps, plan.done_steps, plan.zero_stage, plan.precision) == (125_000, 0, 1, "bf16")
@@ -38,6 +46,17 @@ def test_plan_for_base_on_two_a100_nodes(tmp_path):
     assert "2048 sequences = micro-batch 32 x accumulation 4 x 16 GPU(s)" in text
     assert "A100-40GB fits, A100-80GB fits" in text
     assert "ETA 189d 15:06 for 125,000 steps" in text
+
+
+def test_the_plan_counts_the_model_the_trainer_builds_on_the_built_in_corpus(tmp_path, corpus):
+    """The README's dry run: without --data the built-in corpus's tokenizer (1024 pieces here) sets the vocabulary,
+    not the preset (8192 for small)."""
+    config = TrainConfig(preset="small", builtin_cache=str(corpus), builtin_vocab_size=1024,
+                         run_dir=str(tmp_path / "run"))
+    plan = launch.make_plan("h", [Host("localhost", 2)], config, throughput_from=None)
+    assert plan.parameters == trainer_parameters(config)
+    with torch.device("meta"):
+        assert plan.parameters != sum(p.numel() for p in AMOSModel(config.model_config()).parameters())
 
 
 def test_dry_run_prints_plan_and_command_without_starting(tmp_path, capsys, monkeypatch):

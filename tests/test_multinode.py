@@ -12,20 +12,21 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import subprocess_env
-from test_train_run import (  # noqa: F401
+from conftest import (
     REPO,
     cleanup,
     complete_steps,
-    corpus,
     finish,
     logged_steps,
     metrics,
+    subprocess_env,
     wait_until,
     write_configs,
 )
 
 from amos_ds.pretrain import free_port
+
+pytestmark = pytest.mark.slow  # every test here starts training processes or daemons
 
 NODES = {"amos-node1": "127.0.0.2", "amos-node2": "127.0.0.3"}
 SSHD = Path("/usr/sbin/sshd")
@@ -99,7 +100,7 @@ def node_processes(port: int, node_rank: int) -> list[int]:
     return launchers + [int(pid) for pid, ppid, _ in rows if int(ppid) in launchers]
 
 
-def test_two_nodes_train_lose_one_and_resume_on_the_other(tmp_path, corpus, ssh_config):  # noqa: F811
+def test_two_nodes_train_lose_one_and_resume_on_the_other(tmp_path, corpus, ssh_config):
     (tmp_path / "two").write_text("amos-node1 slots=1\namos-node2 slots=1\n")
     (tmp_path / "one").write_text("amos-node1 slots=1\n")
     run_dir = tmp_path / "run"
@@ -132,7 +133,7 @@ def test_two_nodes_train_lose_one_and_resume_on_the_other(tmp_path, corpus, ssh_
     assert resumed["world_size"] == 1
 
 
-def test_launch_refuses_an_unreachable_node_before_starting_anything(tmp_path, corpus, ssh_config):  # noqa: F811
+def test_launch_refuses_an_unreachable_node_before_starting_anything(tmp_path, corpus, ssh_config):
     (tmp_path / "hosts").write_text("amos-node1 slots=1\nno-such-node.invalid slots=1\n")
     flags = [*write_configs(tmp_path, corpus, zero_stage=1), "--run-dir", str(tmp_path / "run")]
     job = launch(tmp_path / "hosts", ["--ssh-config", str(ssh_config)], flags)
@@ -145,7 +146,7 @@ def test_launch_refuses_an_unreachable_node_before_starting_anything(tmp_path, c
 
 
 @pytest.mark.skipif(not shutil.which("mpirun"), reason="needs Open MPI (.ci/run installs it)")
-def test_openmpi_launcher_with_two_ranks(tmp_path, corpus):  # noqa: F811
+def test_openmpi_launcher_with_two_ranks(tmp_path, corpus):
     pytest.importorskip("mpi4py")
     run_dir = tmp_path / "run"
     flags = [*write_configs(tmp_path, corpus, zero_stage=1), "--run-dir", str(run_dir), "--max-steps", "2"]

@@ -255,6 +255,17 @@ def test_triton_without_the_kernel_package_is_a_clear_error(monkeypatch):
     assert not ops.triton_available()
 
 
-def test_triton_is_available_exactly_where_there_is_cuda():
-    """amos_kernels is installed with the project: only CUDA tensors are missing on a CPU-only machine."""
-    assert ops.triton_available() == torch.cuda.is_available()
+def test_auto_takes_the_kernel_exactly_for_cuda_tensors_where_it_imports(monkeypatch):
+    """CUDA as the machine reports it (faked on a CPU-only one): "auto" picks the kernel for CUDA tensors, never for
+    CPU tensors, and falls back by size when the kernel package does not import."""
+    cuda, cpu, logits = torch.device("cuda"), torch.device("cpu"), ops.AUTO_TORCH_MAX_LOGITS + 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert ops.triton_available()  # amos_kernels is installed with the project
+    assert ops.resolve_impl("auto", cuda, 0) == "triton" and ops.resolve_impl("auto", cuda, logits) == "triton"
+    assert ops.resolve_impl("auto", cpu, 0) == "torch" and ops.resolve_impl("auto", cpu, logits) == "chunked"
+    monkeypatch.setitem(sys.modules, "amos_kernels", None)
+    assert not ops.triton_available()
+    assert ops.resolve_impl("auto", cuda, 0) == "torch" and ops.resolve_impl("auto", cuda, logits) == "chunked"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delitem(sys.modules, "amos_kernels")
+    assert not ops.triton_available()  # the kernel imports, but there is no GPU to run it

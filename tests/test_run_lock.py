@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import subprocess_env
-from test_train_run import PRETRAIN, REPO, cleanup, corpus, metrics, start, write_configs  # noqa: F401
+from conftest import PRETRAIN, REPO, cleanup, metrics, start, subprocess_env, write_configs
 
 from amos_ds.train import run_lock
 from amos_ds.train.run_lock import LOCK_FILE, RunLock, RunLocked
@@ -109,7 +108,7 @@ def wait_for(condition, timeout: float = 240) -> None:
 
 
 @pytest.mark.slow
-def test_two_jobs_racing_for_one_run_directory_and_a_requeue_with_changed_settings(tmp_path, corpus):  # noqa: F811
+def test_two_jobs_racing_for_one_run_directory_and_a_requeue_with_changed_settings(tmp_path, corpus):
     run_dir = tmp_path / "run"
     flags = [*write_configs(tmp_path, corpus, zero_stage=1), "--fp32", "--run-dir", str(run_dir), "--save-every", "2"]
     first, port = start(1, [*flags, "--max-steps", "1000"])

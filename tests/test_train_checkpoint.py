@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train_metrics import unread
+from conftest import unread
 
 import amos_ds
+from amos_ds.errors import CheckpointError, ConfigError
 from amos_ds.train import checkpoint
-from amos_ds.train.train_config import ConfigError
 from amos_ds.train.version import code_version
 
 MODEL = {"hidden_size": 64, "head_layers": [1, 2, 3], "vocab_impl": "auto"}
@@ -151,6 +151,7 @@ def linear_engine(**config):
     return deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)[0]
 
 
+@pytest.mark.slow
 def test_save_resume_and_universal_conversion_with_a_real_engine(one_process_group, tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("LOCAL_RANK", "0")  # what a launcher sets, and DeepSpeed's engine asks for
     trained = linear_engine()
@@ -197,6 +198,7 @@ def test_save_resume_and_universal_conversion_with_a_real_engine(one_process_gro
     assert torch.equal(universal.module.weight, trained.module.weight)
 
 
+@pytest.mark.slow
 def test_a_failed_universal_conversion_is_one_error_with_the_converters_last_line(one_process_group, tmp_path,
                                                                                    monkeypatch):
     path = fake_checkpoint(tmp_path, 5)  # amos_meta.json but no DeepSpeed files: DeepSpeed's converter fails
@@ -205,7 +207,7 @@ def test_a_failed_universal_conversion_is_one_error_with_the_converters_last_lin
     os.set_blocking(read_end, False)
     with open(write_end, "w") as pipe, monkeypatch.context() as patch:
         patch.setattr(sys, "stdout", pipe)
-        with pytest.raises(checkpoint.CheckpointError) as raised:
+        with pytest.raises(CheckpointError) as raised:
             checkpoint.prepare_universal(point)
         printed = unread(read_end)  # before the pipe's close flushes it
     os.close(read_end)
@@ -214,7 +216,7 @@ def test_a_failed_universal_conversion_is_one_error_with_the_converters_last_lin
     assert printed.startswith(f"converting {path} for world size 1: {sys.executable} -m deepspeed")
     assert not (path / "universal").exists()
     monkeypatch.setattr(sys, "executable", shutil.which("false"))  # a converter that dies without a word (OOM-killed)
-    with pytest.raises(checkpoint.CheckpointError) as raised:
+    with pytest.raises(CheckpointError) as raised:
         checkpoint.prepare_universal(point)
     assert str(raised.value) == f"converting {path} to a universal checkpoint failed: ?"
 
@@ -244,8 +246,8 @@ def test_a_failed_save_marks_nothing_and_names_what_is_intact(tmp_path, one_proc
             raise OSError(errno.EIO, "Input/output error", str(file))
 
     with monkeypatch.context() as patch:
-        patch.setattr(checkpoint, "_fsync", fsync_failing_on_the_model_file)
-        with pytest.raises(checkpoint.CheckpointError) as raised:
+        patch.setattr(checkpoint, "fsync", fsync_failing_on_the_model_file)
+        with pytest.raises(CheckpointError) as raised:
             checkpoint.save_checkpoint(engine, tmp_path, 1, info, {}, keep_last=2)
     assert str(raised.value) == (f"saving checkpoint {first} failed: {model_file}: Input/output error; removed the "
                                  "partial step_00000001, and the previous complete checkpoint (none) is intact: free "
@@ -262,7 +264,7 @@ def test_a_failed_save_marks_nothing_and_names_what_is_intact(tmp_path, one_proc
     limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limits[1]))  # a write past 4 KiB fails (EFBIG), no signal
     try:
-        with pytest.raises(checkpoint.CheckpointError) as raised:
+        with pytest.raises(CheckpointError) as raised:
             checkpoint.save_checkpoint(engine, tmp_path, 2, info, {}, keep_last=2)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from amos_ds.errors import ConfigError
 from amos_ds.train.ds_config import (
     derive_ds_config,
     gradient_accumulation,
@@ -11,7 +12,7 @@ from amos_ds.train.ds_config import (
     precision,
     scheduler_total_steps,
 )
-from amos_ds.train.train_config import DS_CONFIG_DIR, ConfigError, TrainConfig, build_parser, load_train_config
+from amos_ds.train.train_config import DS_CONFIG_DIR, TrainConfig, build_parser, load_train_config
 
 
 def parse(*flags: str) -> TrainConfig:

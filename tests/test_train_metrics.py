@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_on_two_ranks
+from conftest import run_on_two_ranks, unread
 from deepspeed.monitor.config import get_monitor_config
 from deepspeed.monitor.csv_monitor import csvMonitor
 
@@ -25,6 +25,7 @@ def test_average_over_ranks_divides_the_sums_by_the_micro_batches(one_process_gr
     assert average_over_ranks(sums, 3) == {"loss": 2.0, "rtd_loss": 0.5}
 
 
+@pytest.mark.slow
 def test_average_over_ranks_is_the_mean_over_the_micro_batches_of_every_rank(tmp_path):
     sums = [({"loss": torch.tensor(3.0)}, 3), ({"loss": torch.tensor(9.0)}, 3)]  # rank 0, rank 1: 3 micro-batches each
     assert [average for average, _ in run_on_two_ranks(average_over_ranks, sums, tmp_path)] == [{"loss": 2.0}] * 2
@@ -57,14 +58,6 @@ def test_log_writes_records_and_monitor_events_and_a_resume_drops_later_steps(on
     log.log({**RECORD, "step": 3, "loss": 30.0}, max_steps=3)
     log.close()
     assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(1, 1.0), (2, 2.0), (3, 30.0)]
-
-
-def unread(read_end: int) -> str:
-    """What has reached a non-blocking pipe so far."""
-    try:
-        return os.read(read_end, 4096).decode()
-    except BlockingIOError:
-        return ""
 
 
 def test_each_steps_line_reaches_a_piped_stdout_at_once(tmp_path, monkeypatch):
@@ -120,7 +113,7 @@ def test_a_torn_last_line_is_dropped_with_a_warning_on_resume(one_process_group,
 
 
 def test_a_damaged_line_before_the_last_is_an_error_naming_it(tmp_path):
-    from amos_ds.train.train_config import ConfigError
+    from amos_ds.errors import ConfigError
 
     (tmp_path / METRICS_FILE).write_text('{"step": 1}\n{"st\x00\n{"step": 3}\n')
     with pytest.raises(ConfigError, match=f"{tmp_path / METRICS_FILE} line 2: not a JSON record; restore the file or "

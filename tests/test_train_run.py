@@ -7,122 +7,31 @@ not by that exit code.
 
 import glob
 import json
-import os
 import signal
 import subprocess
-import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import (
+    GLOBAL_BATCH,
+    MICRO_BATCH,
+    REPO,
+    SEQ_LEN,
+    VOCAB,
+    cleanup,
+    command,
+    complete_steps,
+    logged_steps,
+    metrics,
+    run,
+    start,
+    wait_until,
+    write_configs,
+)
 
 from amos_ds.data import ResumableSampler, open_corpora
-from amos_ds.data.builtin import prepare_builtin_corpus
-from amos_ds.pretrain import free_port
 
-REPO = Path(__file__).resolve().parents[1]
-PRETRAIN = REPO / "amos_ds" / "pretrain.py"
-GLOBAL_BATCH, MICRO_BATCH, SEQ_LEN, VOCAB = 8, 4, 32, 1024
-GLOO_EXIT_ABORT = "terminate called without an active exception"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """The built-in corpus with a tiny-preset vocabulary, prepared once for every run of this module."""
-    cache = tmp_path_factory.mktemp("builtin")
-    prepare_builtin_corpus(str(cache), VOCAB)
-    return cache
-
-
-def write_configs(directory: Path, corpus: Path, zero_stage: int, lr: float = 1e-3, bf16: bool = False,
-                  vocab_impl: str = "auto") -> list[str]:
-    """A DeepSpeed config and a training config for the tiny runs; returns the pretrain flags naming them."""
-    ds_config = {
-        "train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": MICRO_BATCH,
-        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.98], "eps": 1e-6,
-                                                  "weight_decay": 0.01, "torch_adam": True}},
-        "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr,
-                                                          "warmup_num_steps": 2, "warmup_type": "linear",
-                                                          "total_num_steps": 100}},
-        "gradient_clipping": 2.0, "bf16": {"enabled": bf16}, "zero_optimization": {"stage": zero_stage},
-    }
-    train_config = {"builtin_cache": str(corpus), "builtin_vocab_size": VOCAB, "seq_len": SEQ_LEN,
-                    "num_workers": 0, "plot": False, "log_samples": True, "model": {"vocab_impl": vocab_impl}}
-    (directory / "ds.json").write_text(json.dumps(ds_config))
-    (directory / "train.json").write_text(json.dumps(train_config))
-    return ["--deepspeed_config", str(directory / "ds.json"), "--config", str(directory / "train.json"),
-            "--preset", "tiny"]
-
-
-def command(ranks: int, port: int, flags: list[str]) -> list[str]:
-    if ranks == 1:
-        return [sys.executable, str(PRETRAIN), *flags]
-    return ["deepspeed", "--num_gpus", str(ranks), "--master_addr", "127.0.0.1", "--master_port", str(port),
-            str(PRETRAIN), *flags]
-
-
-def start(ranks: int, flags: list[str]) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    process = subprocess.Popen(command(ranks, port, flags), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    return process, port
-
-
-def finish(process: subprocess.Popen, port: int, timeout: float = 240) -> str:
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    finally:
-        cleanup(process, port)
-    return output
-
-
-def cleanup(process: subprocess.Popen, port: int) -> None:
-    """Kill what is left of the run's process group and remove DeepSpeed's shared-memory buffers for its port."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait()
-    for buffer in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
-        os.remove(buffer)
-
-
-def run(ranks: int, flags: list[str]) -> str:
-    """Run to completion; fail with the output unless it exited 0 (or hit the known gloo abort at exit)."""
-    process, port = start(ranks, flags)
-    output = finish(process, port)
-    assert process.returncode == 0 or GLOO_EXIT_ABORT in output, output[-4000:]
-    return output
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def logged_steps(run_dir: Path) -> int:
-    """How many step records a run has written to metrics.jsonl so far."""
-    log = run_dir / "metrics.jsonl"
-    return log.read_text().count("\n") if log.is_file() else 0
-
-
-def wait_until(done: Callable[[], bool], process: subprocess.Popen, timeout: float = 240, poll: float = 0.05) -> None:
-    """Poll `done()` while `process` runs; fail with its last output if it exits first or `timeout` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while not done():
-        if process.poll() is None and time.monotonic() < deadline:
-            time.sleep(poll)
-            continue
-        ended = process.poll() is not None
-        process.kill()
-        pytest.fail(f"{'the run ended' if ended else f'{timeout} s passed'} before the awaited state; its output:\n"
-                    f"{''.join(part or '' for part in process.communicate())[-4000:]}")
-
-
-def complete_steps(run_dir: Path) -> list[int]:
-    return sorted(int(p.parent.name.removeprefix("step_")) for p in run_dir.glob("checkpoints/step_*/amos_meta.json"))
+pytestmark = pytest.mark.slow  # every test here starts training processes or daemons
 
 
 def test_two_ranks_zero2_bf16_trains_and_loss_falls(tmp_path, corpus):

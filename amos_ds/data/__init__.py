@@ -4,8 +4,6 @@ The trainer's interface is re-exported here lazily, so that preprocessing (and i
 torch.
 """
 
-from amos_ds.data.errors import DataError
-
 _LOADER_NAMES = ("DataConfig", "PackedDataset", "ResumableSampler", "build_loader", "open_corpora")
 
 
@@ -17,4 +15,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'amos_ds.data' has no attribute {name!r}")
 
 
-__all__ = ["DataError", *_LOADER_NAMES]
+__all__ = list(_LOADER_NAMES)

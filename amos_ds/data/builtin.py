@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from amos_ds.atomic import staged
 from amos_ds.data.preprocess import MANIFEST, preprocess
 from amos_ds.data.tokenizer import train_tokenizer
 
@@ -69,11 +70,11 @@ def prepare_builtin_corpus(cache_dir: str, vocab_size: int = 8192) -> str:
                     f.write(document + "\n\n")
             tokenizer = work / "tokenizer"
             train_tokenizer([str(text)], vocab_size, str(tokenizer))
-            data = work / "data"
-            preprocess([str(text)], str(tokenizer), str(data), workers=min(2, os.cpu_count() or 1), progress=False)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(data, final)
+            with staged(final) as data:
+                preprocess([str(text)], str(tokenizer), str(data), workers=min(2, os.cpu_count() or 1),
+                           progress=False)
+                if final.exists():
+                    shutil.rmtree(final)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return str(final)

@@ -1,27 +1,12 @@
 """`amos-ds tokenizer train`, `amos-ds preprocess` and `amos-ds inspect`: the data pipeline's command line."""
 
 import argparse
-import functools
 import os
 import sys
-from collections.abc import Callable
 
-from amos_ds.data.errors import DataError
-
-
-def _reporting_data_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Bad input ends the command with one line on stderr and exit code 2, not a traceback."""
-    @functools.wraps(func)
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return func(args)
-        except DataError as e:
-            print(f"amos-ds: error: {e}", file=sys.stderr)
-            return 2
-    return run
+from amos_ds.errors import DataError
 
 
-@_reporting_data_errors
 def tokenizer_train(args: argparse.Namespace) -> int:
     from amos_ds.data.tokenizer import train_tokenizer
 
@@ -32,7 +17,6 @@ def tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
-@_reporting_data_errors
 def preprocess_command(args: argparse.Namespace) -> int:
     from amos_ds.data.preprocess import preprocess
 
@@ -47,7 +31,6 @@ def preprocess_command(args: argparse.Namespace) -> int:
     return 0
 
 
-@_reporting_data_errors
 def inspect_command(args: argparse.Namespace) -> int:
     import numpy as np
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from amos_ds.data.errors import DataError
 from amos_ds.data.indexed import IndexedShard
 from amos_ds.data.permutation import Permutation
 from amos_ds.data.preprocess import MANIFEST, TOKENIZER_DIR
+from amos_ds.errors import DataError
 from amos_ds.vocab import CLS_ID, SEP_ID
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from amos_ds.data.errors import DataError
+from amos_ds.atomic import publish
+from amos_ds.errors import DataError
 from amos_ds.vocab import SEP_ID
 
 MAGIC = b"AMOSIDX\x00"
@@ -53,8 +54,6 @@ class ShardWriter:
         """Make the shard whole; returns its manifest entry."""
         offsets = np.zeros(sum(map(len, self.lengths)) + 1, dtype="<u8")
         np.cumsum(np.concatenate(self.lengths) if self.lengths else [], out=offsets[1:])
-        self.file.flush()
-        os.fsync(self.file.fileno())
         self.file.close()
         bin_sha = self.bin_hash.digest()
         offsets_sha = hashlib.sha256(offsets.data).digest()
@@ -63,10 +62,8 @@ class ShardWriter:
         with open(self.idx_tmp, "wb") as f:
             f.write(header)
             f.write(offsets.data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(self.bin_tmp, self.prefix.with_suffix(".bin"))
-        os.replace(self.idx_tmp, self.prefix.with_suffix(".idx"))
+        publish(self.bin_tmp, self.prefix.with_suffix(".bin"))
+        publish(self.idx_tmp, self.prefix.with_suffix(".idx"))
         return {"name": self.prefix.name, "documents": len(offsets) - 1, "tokens": self.num_tokens,
                 "sha256": bin_sha.hex()}
 

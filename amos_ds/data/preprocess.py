@@ -11,7 +11,6 @@ import ctypes
 import errno
 import json
 import multiprocessing as mp
-import os
 import shutil
 import sys
 import time
@@ -20,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from amos_ds.data.errors import DataError
+from amos_ds.atomic import write_atomically
 from amos_ds.data.indexed import IndexedShard, ShardWriter, shard_name
 from amos_ds.data.sources import SourceStats, expand_inputs, iter_sources
 from amos_ds.data.tokenizer import Tokenizer, copy_tokenizer
+from amos_ds.errors import DataError
 
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
@@ -95,9 +95,7 @@ def _plan(files: list[Path], tokenizer: Tokenizer, shard_mb: float, batch_mb: fl
 
 
 def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(value, indent=2) + "\n")
 
 
 def _batches(documents, batch_bytes: int):

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from amos_ds.data.errors import DataError
 from amos_ds.data.permutation import Permutation
+from amos_ds.errors import DataError
 
 
 class ResumableSampler:

@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from amos_ds.data.errors import DataError
 from amos_ds.data.wikipedia import iter_wikipedia_articles
+from amos_ds.errors import DataError
 
 MAX_DOCUMENT_CHARS = 1 << 20
 _SNIFF_BYTES = 1 << 16

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from amos_ds.data.errors import DataError
+from amos_ds.atomic import staged
 from amos_ds.data.sources import SourceStats, expand_inputs, iter_sources
+from amos_ds.errors import DataError
 from amos_ds.vocab import CLS_ID, MASK_ID, NUM_SPECIAL_TOKENS, PAD_ID, SEP_ID, SPECIAL_TOKENS, UNK_ID
 
 MODEL_FILE = "tokenizer.model"
@@ -149,18 +150,15 @@ def train_tokenizer(inputs: list[str], vocab_size: int, output: str, lowercase: 
     }
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        tmp.chmod(0o755)
-        (tmp / MODEL_FILE).write_bytes(model_bytes)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        with staged(out) as folder:
+            folder.mkdir()
+            (folder / MODEL_FILE).write_bytes(model_bytes)
+            (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            if out.exists():
+                shutil.rmtree(out)
     except OSError as e:
         raise DataError(f"{out}: cannot write the tokenizer ({e.strerror}); check free space and permissions") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return Tokenizer(out)
 
 
@@ -170,7 +168,5 @@ def copy_tokenizer(source: str | os.PathLike, target: str | os.PathLike) -> None
     target = Path(target)
     if target.is_dir():
         return
-    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(source, staging)
-    os.replace(staging, target)
+    with staged(target) as folder:
+        shutil.copytree(source, folder)

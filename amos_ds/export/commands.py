@@ -1,19 +1,12 @@
 """`amos-ds export`: a pretrained encoder as a Hugging Face model folder."""
 
 import argparse
-import sys
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from amos_ds.data.errors import DataError
     from amos_ds.export.hf import export_encoder
-    from amos_ds.train.train_config import ConfigError
 
-    try:
-        output = export_encoder(args.source, args.output, args.tokenizer, args.model_config, args.generator)
-    except (ConfigError, DataError) as err:
-        print(f"amos-ds: error: {err}", file=sys.stderr)
-        return 2
+    output = export_encoder(args.source, args.output, args.tokenizer, args.model_config, args.generator)
     print(f"wrote {output}: load it with transformers' AutoModel.from_pretrained({str(output)!r}, "
           "trust_remote_code=True) (or AutoModelForSequenceClassification, AutoModelForTokenClassification, "
           "AutoTokenizer)")

@@ -12,9 +12,10 @@ import os
 import shutil
 from pathlib import Path
 
+from amos_ds.atomic import staged
 from amos_ds.config import ModelConfig
+from amos_ds.errors import ConfigError
 from amos_ds.finetune.pretrained import find_tokenizer, load_weights, locate_checkpoint
-from amos_ds.train.train_config import ConfigError
 from amos_ds.vocab import PAD_ID
 
 REMOTE_CODE = Path(__file__).resolve().parent / "remote"
@@ -86,22 +87,18 @@ def export_encoder(source: str, output: str | os.PathLike, tokenizer: str | None
     model.load_state_dict(hf_state_dict(checkpoint.state), strict=True)
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
     try:
-        write_folder(model, hf_tokenizer, staging)
-        if generator:
-            masked_lm = AmosDsForMaskedLM(AmosDsConfig(**hf_config_values(checkpoint.config, generator=True),
-                                                       architectures=["AmosDsForMaskedLM"], auto_map=AUTO_MAP,
-                                                       **provenance))
-            masked_lm.load_state_dict(hf_generator_state_dict(checkpoint.state), strict=True)
-            write_folder(masked_lm, hf_tokenizer, staging / GENERATOR_DIR)
-        os.replace(staging, output)
+        with staged(output) as staging:
+            write_folder(model, hf_tokenizer, staging)
+            if generator:
+                masked_lm = AmosDsForMaskedLM(AmosDsConfig(**hf_config_values(checkpoint.config, generator=True),
+                                                           architectures=["AmosDsForMaskedLM"], auto_map=AUTO_MAP,
+                                                           **provenance))
+                masked_lm.load_state_dict(hf_generator_state_dict(checkpoint.state), strict=True)
+                write_folder(masked_lm, hf_tokenizer, staging / GENERATOR_DIR)
     except OSError as err:
         raise ConfigError(f"{output}: cannot write the export ({err.strerror}); check free space and "
                           "permissions") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return output
 
 

@@ -2,18 +2,16 @@
 sentences or sentence pairs, classification or regression."""
 
 import argparse
-import sys
 
 
 def finetune_command(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from amos_ds.data.errors import DataError
+    from amos_ds.errors import DataError
     from amos_ds.finetune.pretrained import load_source
     from amos_ds.finetune.run import FinetuneConfig, finetune
     from amos_ds.finetune.tasks import load_task
-    from amos_ds.train.train_config import ConfigError
 
     try:
         config = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup=args.warmup,
@@ -28,12 +26,8 @@ def finetune_command(args: argparse.Namespace) -> int:
         output = Path(args.output)
         output.mkdir(parents=True, exist_ok=True)
         (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    except (ConfigError, DataError) as err:
-        print(f"amos-ds: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"amos-ds: error: {err}; check the path and permissions", file=sys.stderr)
-        return 2
+    except OSError as err:  # a task, checkpoint or output path the message names
+        raise DataError(f"{err}; check the path and permissions") from None
     metric, median = results["metric"], results["median"]
     print(f"{task.name}: median over {len(config.seeds)} seed(s): dev {metric} {median['dev'][metric]:.4f}, "
           f"test {metric} {median['test'][metric]:.4f} (trivial baseline: test "

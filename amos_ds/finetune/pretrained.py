@@ -17,11 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from amos_ds.config import ModelConfig, get_preset
-from amos_ds.data.errors import DataError
 from amos_ds.data.tokenizer import Tokenizer
+from amos_ds.errors import ConfigError, DataError
 from amos_ds.model import AMOSModel, Encoder
 from amos_ds.train.checkpoint import META, RUN_TOKENIZER, verified_checkpoint
-from amos_ds.train.train_config import ConfigError
 
 KEPT_KEYS = ("token_embedding", "discriminator.")  # AMOSModel state-dict keys the encoder keeps (prefixes)
 GENERATOR_KEYS = ("generators.0.", "mlm_head.")  # and those of the (one, shared) generator with its MLM head

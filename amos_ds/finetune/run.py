@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from amos_ds.errors import ConfigError
 from amos_ds.finetune.classifier import SentenceClassifier
 from amos_ds.finetune.metrics import classification_metrics, regression_metrics
 from amos_ds.finetune.pretrained import EncoderSource
 from amos_ds.finetune.tasks import Task, batches, encode
 from amos_ds.train.param_groups import parameter_groups
-from amos_ds.train.train_config import ConfigError
 
 CLASSIFICATION_METRICS = ("accuracy", "f1", "matthews")
 REGRESSION_METRICS = ("spearman", "pearson")

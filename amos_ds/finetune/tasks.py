@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from amos_ds.data.errors import DataError
 from amos_ds.data.tokenizer import Tokenizer
+from amos_ds.errors import DataError
 from amos_ds.vocab import CLS_ID, PAD_ID, SEP_ID
 
 SPLITS = ("train", "dev", "test")

@@ -24,7 +24,6 @@ optimizer fragments use DeepSpeed's own torch.load(weights_only=False); the file
 
 import hashlib
 import json
-import os
 import random
 import re
 import shutil
@@ -42,8 +41,9 @@ from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
+from amos_ds.atomic import fsync, publish, write_atomically
+from amos_ds.errors import CheckpointError, ConfigError
 from amos_ds.train.ds_config import precision
-from amos_ds.train.train_config import ConfigError
 
 CHECKPOINTS = "checkpoints"
 META = "amos_meta.json"
@@ -59,11 +59,6 @@ IMPLEMENTATION_FIELDS = {"vocab_impl", "attention_impl"}
 
 # How torch.save's C++ zip writer reports a write the disk refused (it raises RuntimeError, not OSError).
 TORCH_WRITE_FAILED = re.compile(r"inline_container|PytorchStreamWriter|file write failed")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written, converted or loaded; the message is one line naming the file and what is
-    still intact."""
 
 
 def tag_for(step: int) -> str:
@@ -279,7 +274,7 @@ def prepare_universal(point: ResumePoint) -> None:
             error = f"converting {point.path} to a universal checkpoint failed: {lines[-1] if lines else '?'}"
         else:
             (point.path / "latest_universal").unlink(missing_ok=True)  # the converter's pointer; we name the folder
-            partial.rename(point.path / UNIVERSAL)
+            publish(partial, point.path / UNIVERSAL)
     box = [error]
     dist.broadcast_object_list(box, src=0)
     if box[0]:
@@ -371,7 +366,7 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, info: dict[str, Any],
     try:
         engine.save_checkpoint(str(checkpoints), tag=path.name, client_state=client_state, save_latest=False)
         for file in _files_written_by(path, rank):
-            _fsync(file)
+            fsync(file)
             written[file.name] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
     except OSError as err:
         error = f"{err.filename or path}: {err.strerror or err}"
@@ -410,25 +405,6 @@ def _files_written_by(path: Path, rank: int) -> list[Path]:
     if rank == 0:
         mine += [f for f in files if "pp_rank_" not in f.name]
     return mine
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """`text` in `path`, whole or not at all: a temporary file, fsynced, renamed over it."""
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-    _fsync(path.parent)
 
 
 def _prune(checkpoints: Path, keep_last: int) -> None:

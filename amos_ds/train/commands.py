@@ -1,36 +1,20 @@
 """`amos-ds launch` and `amos-ds plot`: the trainer's command line (training itself is amos_ds/pretrain.py)."""
 
 import argparse
-import sys
 
 
 def _launch(args: argparse.Namespace) -> int:
     from amos_ds.train.launch import run_launch
 
-    return _reporting_errors(run_launch, args)
+    return run_launch(args)
 
 
 def _plot(args: argparse.Namespace) -> int:
     from amos_ds.train.plot import plot_run
 
-    def run(args: argparse.Namespace) -> int:
-        for path in plot_run(args.run_dir):
-            print(path)
-        return 0
-
-    return _reporting_errors(run, args)
-
-
-def _reporting_errors(func, args: argparse.Namespace) -> int:
-    """Bad input ends the command with one line on stderr and exit code 2, not a traceback."""
-    from amos_ds.data import DataError
-    from amos_ds.train.train_config import ConfigError
-
-    try:
-        return func(args)
-    except (ConfigError, DataError) as err:
-        print(f"amos-ds: error: {err}", file=sys.stderr)
-        return 2
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from amos_ds.train.train_config import ConfigError
+from amos_ds.errors import ConfigError
 
 
 def load_ds_config(path: Path) -> dict[str, Any]:

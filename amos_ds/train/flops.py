@@ -13,7 +13,9 @@ vocabulary V, K generator heads and M = mask_prob x T masked positions (the expe
 
 The backward pass costs twice the forward for every trained matmul (gradients of inputs and of weights), so a
 trained part costs 3x its forward. The mixture's per-head logits enter it detached: its backward is one more 2KMV
-(the gradient reaching gamma), so mixing costs 2x its forward.
+(the gradient reaching gamma), so mixing costs 2x its forward. The sampled tokens' embeddings are a lookup forward,
+but their straight-through gradient to the mixed logits is a matmul, grad_sampled @ E^T: 2MHV in the backward only.
+(The vocabulary path's matmuls are then 2MHV (3K + 1), the floor kernels/bench.py counts.)
 """
 
 import os
@@ -52,11 +54,17 @@ def forward_flops(config: ModelConfig, seq_len: int, mask_prob: float) -> dict[s
     }
 
 
+def straight_through_backward_flops(config: ModelConfig, seq_len: int, mask_prob: float) -> float:
+    """Backward FLOPs of grad_sampled @ E^T over one sequence's masked positions (no forward counterpart)."""
+    return 2 * mask_prob * seq_len * config.hidden_size * config.vocab_size
+
+
 def step_flops(config: ModelConfig, seq_len: int, mask_prob: float, num_sequences: int) -> float:
     """Training FLOPs (forward + backward) of one optimizer step over `num_sequences` sequences."""
     parts = forward_flops(config, seq_len, mask_prob)
     trained = sum(value for name, value in parts.items() if name != "mixing")
-    return num_sequences * (3 * trained + 2 * parts["mixing"])
+    straight_through = straight_through_backward_flops(config, seq_len, mask_prob)
+    return num_sequences * (3 * trained + 2 * parts["mixing"] + straight_through)
 
 
 def cpu_cores_per_rank() -> int:

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from amos_ds.train.train_config import ConfigError
+from amos_ds.errors import ConfigError
 
 # Letters, digits, dots, hyphens, underscores: DNS names, IPv4 addresses, cluster node names; no shell syntax.
 SAFE_HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -27,8 +27,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from amos_ds.errors import ConfigError
 from amos_ds.train.hostfile import Host, parse_hostfile
-from amos_ds.train.train_config import ConfigError, TrainConfig, build_parser, load_train_config
+from amos_ds.train.train_config import TrainConfig, build_parser, load_train_config
 from amos_ds.train.version import code_version
 
 PRETRAIN = Path(__file__).resolve().parents[1] / "pretrain.py"
@@ -94,8 +95,16 @@ def measured_throughput(run_dir: Path, gpus: int) -> tuple[float | None, str]:
     return per_rank * gpus, f"{run_dir}, last {len(records)} steps on {records[-1]['world_size']} rank(s)"
 
 
+def data_vocab_size(config: TrainConfig) -> int:
+    """The vocabulary size of the run's tokenizer, which sets the model's (as in pretrain.py), read without opening
+    the data: the first --data folder's manifest, or the built-in corpus's tokenizer size."""
+    from amos_ds.data.dataset import Corpus, parse_spec
+
+    return Corpus(parse_spec(config.data[0])[0]).vocab_size if config.data else config.builtin_vocab_size
+
+
 def make_plan(hostfile: str, hosts: list[Host], config: TrainConfig, throughput_from: Path | None) -> LaunchPlan:
-    """Everything --dry-run prints, computed without touching a GPU or the data."""
+    """Everything --dry-run prints, computed without touching a GPU or the data's shards."""
     import torch
 
     from amos_ds.model import AMOSModel
@@ -115,7 +124,7 @@ def make_plan(hostfile: str, hosts: list[Host], config: TrainConfig, throughput_
     total_steps = config.max_steps or scheduler_total_steps(ds_config)
     if not total_steps:
         raise ConfigError(f"--max-steps: not given, and {ds_path} has no scheduler total_num_steps to default to")
-    model_config = config.model_config()
+    model_config = config.model_config(data_vocab_size(config))
     with torch.device("meta"):
         parameters = sum(p.numel() for p in AMOSModel(model_config).parameters())
     dtype = "fp32" if config.fp32 else precision(ds_config)

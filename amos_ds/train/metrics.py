@@ -2,8 +2,10 @@
 
 metrics.jsonl holds one JSON object per optimizer step with `step`, every model metric (averaged over the step's
 micro-batches and all ranks), `lr`, `grad_norm`, `tokens_per_s`, `tflops` (model TFLOP/s per device), `mfu`,
-`data_wait_s`, `step_time_s` and `mem_gib`. TensorBoard events go through DeepSpeed's monitor (the `tensorboard`
-section of the DeepSpeed config, pointed at RUN_DIR/tensorboard), under `Train/<name>`.
+`data_wait_s`, `step_time_s`, `mem_gib`, `world_size`, `skipped_steps` (DeepSpeed's count of steps not applied,
+amos_ds/train/nonfinite.py) and, with TrainConfig.log_samples, `samples` (the step's sample indices, every rank's
+in rank order). TensorBoard events go through DeepSpeed's monitor (the `tensorboard` section of the DeepSpeed
+config, pointed at RUN_DIR/tensorboard), under `Train/<name>`.
 """
 
 import json
@@ -15,8 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from amos_ds.train.checkpoint import write_atomically
-from amos_ds.train.train_config import ConfigError
+from amos_ds.atomic import write_atomically
+from amos_ds.errors import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
 

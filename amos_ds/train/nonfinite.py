@@ -20,11 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from amos_ds.train.train_config import ConfigError
-
-
-class NonFiniteLoss(RuntimeError):
-    """Training stopped after too many non-finite losses in a row; the message is one line saying what to do."""
+from amos_ds.errors import ConfigError
 
 
 class NonFiniteGuard:

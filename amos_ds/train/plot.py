@@ -8,9 +8,9 @@
 
 from pathlib import Path
 
+from amos_ds.errors import ConfigError
 from amos_ds.train.metrics import read_metrics
 from amos_ds.train.summary import read_summary
-from amos_ds.train.train_config import ConfigError
 
 
 def _series(records: list[dict], name: str) -> tuple[list[int], list[float]]:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from amos_ds.train.train_config import ConfigError
+from amos_ds.errors import ConfigError
 
 LOCK_FILE = "run.lock"
 RENEW_S = 30.0

@@ -7,11 +7,11 @@ of replaced tokens: a discriminator that ignores context scores that at best) an
 """
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from amos_ds.atomic import write_atomically
 from amos_ds.data import PackedDataset
 from amos_ds.train.metrics import read_metrics
 from amos_ds.vocab import NUM_SPECIAL_TOKENS
@@ -68,12 +68,10 @@ def read_summary(run_dir: Path | str) -> dict | None:
 
 
 def write_summary(run_dir: Path, dataset: PackedDataset) -> None:
-    """Print the two lines and keep their numbers in RUN_DIR/summary.json (written whole, then renamed)."""
+    """Print the two lines and keep their numbers in RUN_DIR/summary.json (written atomically)."""
     records = read_metrics(run_dir)
     if not records:
         return
     summary = learning_summary(records, unigram_entropy(dataset))
-    staging = run_dir / f".{SUMMARY_FILE}.tmp"
-    staging.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(staging, run_dir / SUMMARY_FILE)
+    write_atomically(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     print("\n".join(summary_lines(summary)), flush=True)

@@ -17,6 +17,7 @@ from typing import Any
 
 from amos_ds.config import ModelConfig, get_preset, with_ablation
 from amos_ds.data.tokenizer import MIN_VOCAB_SIZE
+from amos_ds.errors import ConfigError
 
 # Shipped DeepSpeed configs, looked up here when a relative --deepspeed_config is not found from the working directory.
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
@@ -25,17 +26,13 @@ DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 COMPILE_CHOICES = ("auto", "on", "off")
 
 
-class ConfigError(ValueError):
-    """Bad input to a training run; the message is one line naming the flag or file and what to do."""
-
-
 @dataclass
 class TrainConfig:
     # The model: a preset, then an ablation from the paper, then single-field overrides of ModelConfig.
     preset: str = "tiny"
     ablation: str | None = None
     model: dict[str, Any] = field(default_factory=dict)
-    # The data: corpora written by `amos-ds prepare` as DIR[:WEIGHT]; none means the built-in corpus.
+    # The data: corpora written by `amos-ds preprocess` as DIR[:WEIGHT]; none means the built-in corpus.
     data: list[str] = field(default_factory=list)
     builtin_cache: str = "~/.cache/amos-ds"
     builtin_vocab_size: int = 8192
