@@ -53,6 +53,7 @@ from amos_ds.train.ds_config import (
     scheduler_total_steps,
     zero_stage,
 )
+from amos_ds.train.extension_lock import clear_stale_extension_locks
 from amos_ds.train.flops import device_peak_tflops, step_flops
 from amos_ds.train.metrics import MetricsLog, average_over_ranks, memory_gib
 from amos_ds.train.nonfinite import NonFiniteGuard
@@ -91,6 +92,7 @@ def setup_distributed(collective_timeout_s: float = TrainConfig.collective_timeo
     # DeepSpeed's own groups (ZeRO's data-parallel group among them) come from dist.new_group() without a timeout,
     # which takes torch's module-wide default (30 min for gloo, 10 for NCCL), not the world group's.
     distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
+    clear_stale_extension_locks()  # DeepSpeed JIT-builds ops from here on; a killed build's lock would hang it
     deepspeed.init_distributed(timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
