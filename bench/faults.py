@@ -15,8 +15,11 @@ recorded step and its exit (so also during saves and the final one):
 
 After the fault the same command runs again at once on the same MASTER_PORT (what a preemption script does) with
 `--resume auto`, until the run is complete. Each trial reports the step reached, the checkpoint resumed from, the
-steps lost (trained but not in a checkpoint), the seconds from the fault to the job's exit, and whether the final
-weights equal the reference run's. The table goes to stdout, the records to OUT/faults.json.
+steps lost (trained but not in a checkpoint), the seconds from the fault to the job's exit, whether the recovery
+path ran (`recovered`: the job was restarted and resumed from a checkpoint before the end; for `corrupt`, the resume
+warned about the damaged checkpoint and took an older one) and whether the final weights equal the reference run's.
+A fault that would land after the run has ended is not a trial: the moment is drawn again (up to REDRAWS times;
+the number of redraws is reported). The table goes to stdout, the records to OUT/faults.json.
 """
 
 import argparse
@@ -43,6 +46,7 @@ PRETRAIN = REPO / "amos_ds" / "pretrain.py"
 KINDS = ("job", "rank", "save", "hang", "corrupt")
 VOCAB, SEQ_LEN, GLOBAL_BATCH, MICRO_BATCH = 1024, 32, 8, 4
 TIMEOUT_S = 10  # collective timeout of the runs
+REDRAWS = 5  # fresh draws of a fault moment that fell after the run's end, before the trial is given up
 
 
 def write_configs(directory: Path, corpus: Path) -> list[str]:
@@ -191,21 +195,32 @@ def main() -> int:
     print(f"reference: {args.steps} steps in {duration:.0f} s ({training_s:.0f} s from the first step)", flush=True)
 
     records = []
-    header = f"{'trial':>5}  {'kind':<8} {'fault':<44} {'exit_s':>6} {'resumed':>7} {'lost':>4} {'runs':>4} equal"
+    header = (f"{'trial':>5}  {'kind':<8} {'fault':<44} {'exit_s':>6} {'resumed':>7} {'lost':>4} {'runs':>4} "
+              f"{'recovered':<9} equal")
     print(header, flush=True)
     for trial in range(args.trials):
         kind = args.kinds[trial % len(args.kinds)]
         run_dir = args.out / f"trial_{trial:03d}"
-        shutil.rmtree(run_dir, ignore_errors=True)
         port = free_port()  # one fixed port for the whole trial: every restart reuses it at once
         log = args.out / f"trial_{trial:03d}.log"
-        log.unlink(missing_ok=True)
-        job = Job(2, port, [*flags, "--run-dir", str(run_dir)], log)
-        injected, detail = inject(kind, job, run_dir, rng.uniform(0, training_s), rng)
-        job.wait(TIMEOUT_S + 120)
-        exit_s = time.monotonic() - injected if injected else None
+        redraws = -1
+        injected = None
+        while injected is None and redraws < REDRAWS:
+            redraws += 1
+            shutil.rmtree(run_dir, ignore_errors=True)
+            log.unlink(missing_ok=True)
+            job = Job(2, port, [*flags, "--run-dir", str(run_dir)], log)
+            injected, detail = inject(kind, job, run_dir, rng.uniform(0, training_s), rng)
+            job.wait(TIMEOUT_S + 120)
+        if not injected:
+            print(f"{trial:>5}  {kind:<8} no fault landed before the run's end in {REDRAWS + 1} draws: not counted",
+                  flush=True)
+            records.append({"trial": trial, "kind": kind, "fault": detail, "redraws": redraws, "counted": False})
+            continue
+        exit_s = time.monotonic() - injected
         at_fault = trained_steps(run_dir)
-        if kind == "corrupt" and injected:
+        corrupted_step = complete_steps(run_dir)[-1] if kind == "corrupt" and complete_steps(run_dir) else None
+        if kind == "corrupt":
             detail += "; " + corrupt_newest(run_dir)
         runs, resumed_from, outputs = 1, None, ""
         while complete_steps(run_dir)[-1:] != [args.steps] and runs < 4:
@@ -220,27 +235,37 @@ def main() -> int:
         weights = final_weights(run_dir, args.steps) if complete else {}
         equal = complete and weights.keys() == expected.keys() and all(
             torch.equal(weights[name], expected[name]) for name in expected)
-        record = {"trial": trial, "kind": kind, "fault": detail, "exit_s": exit_s, "step_at_fault": at_fault,
-                  "resumed_from": resumed_from, "steps_lost": at_fault - resumed_from if resumed_from is not None
-                  else 0, "runs": runs, "complete": complete, "weights_equal": equal,
-                  "corruption_warned": "falling back to the previous complete checkpoint" in outputs}
+        warned = "falling back to the previous complete checkpoint" in outputs
+        recovered = runs > 1 and resumed_from is not None and resumed_from < args.steps and (
+            kind != "corrupt" or (warned and corrupted_step is not None and resumed_from < corrupted_step))
+        record = {"trial": trial, "kind": kind, "fault": detail, "redraws": redraws, "counted": True,
+                  "exit_s": exit_s, "step_at_fault": at_fault, "resumed_from": resumed_from,
+                  "steps_lost": at_fault - resumed_from if resumed_from is not None else 0, "runs": runs,
+                  "complete": complete, "weights_equal": equal, "corrupted_step": corrupted_step,
+                  "corruption_warned": warned, "recovered": recovered}
         records.append(record)
         (args.out / "faults.json").write_text(json.dumps(records, indent=1))
-        print(f"{trial:>5}  {kind:<8} {detail[:44]:<44} {f'{exit_s:.1f}' if exit_s else '-':>6} "
-              f"{resumed_from if resumed_from is not None else '-':>7} {record['steps_lost']:>4} {runs:>4} {equal}",
-              flush=True)
+        print(f"{trial:>5}  {kind:<8} {detail[:44]:<44} {exit_s:>6.1f} "
+              f"{resumed_from if resumed_from is not None else '-':>7} {record['steps_lost']:>4} {runs:>4} "
+              f"{str(recovered):<9} {equal}", flush=True)
         if equal:
             shutil.rmtree(run_dir)
 
-    injected = [r for r in records if r["exit_s"] is not None or r["kind"] == "save"]
-    print(f"\n{sum(r['weights_equal'] for r in records)}/{len(records)} trials ended with the reference weights; "
-          f"{len(injected)} faults injected; most steps lost {max((r['steps_lost'] for r in records), default=0)} "
+    counted = [r for r in records if r["counted"]]
+    print(f"\n{len(counted)} faults injected ({len(records) - len(counted)} trials without one, "
+          f"{sum(r['redraws'] for r in records)} moments redrawn); {sum(r['weights_equal'] for r in counted)} ended "
+          f"with the reference weights; {sum(r['recovered'] for r in counted)} went through their recovery path; "
+          f"most steps lost {max((r['steps_lost'] for r in counted), default=0)} "
           f"(checkpoint interval {args.save_every})")
+    print("\nkind      trials  recovered  weights equal  fault to job exit median / max (s)  most steps lost")
     for kind in args.kinds:
-        times = [r["exit_s"] for r in records if r["kind"] == kind and r["exit_s"] is not None]
-        if times:
-            print(f"{kind:<8} fault to job exit: median {sorted(times)[len(times) // 2]:.1f} s, max {max(times):.1f} s")
-    return 0 if all(r["weights_equal"] for r in records) else 1
+        mine = [r for r in counted if r["kind"] == kind]
+        if mine:
+            times = sorted(r["exit_s"] for r in mine)
+            print(f"{kind:<8}  {len(mine):>6}  {sum(r['recovered'] for r in mine):>9}  "
+                  f"{sum(r['weights_equal'] for r in mine):>13}  {times[len(times) // 2]:>17.1f} / {times[-1]:<14.1f}  "
+                  f"{max(r['steps_lost'] for r in mine):>15}")
+    return 0 if counted and all(r["weights_equal"] and r["recovered"] for r in counted) else 1
 
 
 if __name__ == "__main__":
