@@ -138,3 +138,12 @@ def test_two_jobs_racing_for_one_run_directory_and_a_requeue_with_changed_settin
         in requeued.stderr
     assert len(errors) == 1 and "deepspeed.optimizer.params.lr: 0.001 -> 0.002" in errors[0], errors
     assert not (run_dir / LOCK_FILE).exists()
+
+
+def test_a_live_process_on_this_host_keeps_its_lock_even_past_the_lease(tmp_path):
+    path = foreign_lock(tmp_path, host=socket.gethostname(), pid=os.getpid(), pid_start=run_lock._process_start(
+        os.getpid()))
+    expired = time.time() - run_lock.LEASE_S - 5
+    os.utime(path, (expired, expired))
+    with pytest.raises(RunLocked, match=f"in use by another job \\(PID {os.getpid()} on"):
+        RunLock(tmp_path).acquire()

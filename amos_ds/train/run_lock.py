@@ -6,10 +6,10 @@ when the file exists, on a local disk as on NFS or Lustre. While the job runs, a
 file's modification time) every RENEW_S seconds, and the job removes the file when it ends.
 
 A second job into the same directory is refused with one line naming the holder. A lock whose holder is gone is
-taken over with a warning: on the holder's own host when its process no longer exists; from any host once the
-lease has not been renewed for LEASE_S seconds (a killed node, a job killed with SIGKILL elsewhere). Clocks of the
-nodes must agree to well within LEASE_S (NTP does). A job paused for longer than LEASE_S (SIGSTOP, a frozen
-filesystem) can lose its lock to a newer job; it is not stopped by that.
+taken over with a warning: on the holder's own host when its process no longer exists (while it exists, the lock
+is its own); from another host once the lease has not been renewed for LEASE_S seconds (a lost node, a job killed
+with SIGKILL there). Clocks of the nodes must agree to well within LEASE_S (NTP does). A job on another host paused
+for longer than LEASE_S (SIGSTOP, a frozen filesystem) can lose its lock to a newer job; it is not stopped by that.
 """
 
 import json
@@ -119,6 +119,7 @@ class RunLock:
             start = _process_start(holder["pid"])
             if start is None or (holder.get("pid_start") and start != holder["pid_start"]):
                 return "that process no longer exists"
+            return None  # alive on this host, even if frozen: it may still write
         try:
             idle = time.time() - self.path.stat().st_mtime
         except FileNotFoundError:
