@@ -18,8 +18,9 @@ After the fault the same command runs again at once on the same MASTER_PORT (wha
 steps lost (trained but not in a checkpoint), the seconds from the fault to the job's exit, whether the recovery
 path ran (`recovered`: the job was restarted and resumed from a checkpoint before the end; for `corrupt`, the resume
 warned about the damaged checkpoint and took an older one) and whether the final weights equal the reference run's.
-A fault that would land after the run has ended is not a trial: the moment is drawn again (up to REDRAWS times;
-the number of redraws is reported). The table goes to stdout, the records to OUT/faults.json.
+A fault that lands after the run has saved its last checkpoint (only the exit was left) is not a trial: the moment
+is drawn again (up to REDRAWS times; the number of redraws is reported). The table goes to stdout, the records to
+OUT/faults.json.
 """
 
 import argparse
@@ -212,6 +213,8 @@ def main() -> int:
             job = Job(2, port, [*flags, "--run-dir", str(run_dir)], log)
             injected, detail = inject(kind, job, run_dir, rng.uniform(0, training_s), rng)
             job.wait(TIMEOUT_S + 120)
+            if injected and complete_steps(run_dir)[-1:] == [args.steps]:  # only the exit was left to interrupt
+                injected, detail = None, "the run had saved its last checkpoint before the fault"
         if not injected:
             print(f"{trial:>5}  {kind:<8} no fault landed before the run's end in {REDRAWS + 1} draws: not counted",
                   flush=True)
