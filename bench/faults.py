@@ -124,9 +124,9 @@ def inject(kind: str, job: Job, run_dir: Path, at_s: float, rng: random.Random) 
     """Wait `at_s` seconds into training (or for a save, for `save`), inject the fault, return (time, detail)."""
     while trained_steps(run_dir) == 0 and job.process.poll() is None:
         time.sleep(0.02)
-    while kind == "corrupt" and not complete_steps(run_dir) and job.process.poll() is None:
-        time.sleep(0.02)  # something to corrupt
     started = time.monotonic()
+    while kind == "corrupt" and not complete_steps(run_dir) and job.process.poll() is None:
+        time.sleep(0.02)  # something to corrupt (a moment drawn before it is saved lands right after it)
     if kind == "save":
         target = max(complete_steps(run_dir), default=0) + 1
         while job.process.poll() is None:
