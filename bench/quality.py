@@ -176,7 +176,7 @@ def main() -> None:
     pretrained = {arm: pretrained[arm] for arm in ("AMOS", f"ELECTRA-style ({single})")}  # the table's order
 
     task = load_task(data / "eval" / "mr")
-    config = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=32, warmup=0.1, max_len=args.max_len,
+    config = FinetuneConfig(epochs=args.epochs, lr=[args.lr], batch_size=[32], warmup=0.1, max_len=args.max_len,
                             seeds=args.seeds, device=args.device)
     amos_source = pretrained["AMOS"][0]
     arms = {arm: source for arm, (source, *_) in pretrained.items()}
@@ -201,7 +201,7 @@ def main() -> None:
               f"loss {summary['mlm_loss']:.3f} (unigram entropy {summary['unigram_entropy']:.3f}), discriminator "
               f"RTD loss {summary['rtd_loss']:.3f} (best constant guess {summary['rtd_loss_constant']:.3f}), "
               f"accuracy on replaced tokens {summary['disc_acc_replaced']:.3f}")
-    print(f"fine-tuning: {config.epochs} epochs, lr {config.lr:g}, batch {config.batch_size}, warm-up "
+    print(f"fine-tuning: {config.epochs} epochs, lr {args.lr:g}, batch {config.batch_size[0]}, warm-up "
           f"{config.warmup:g}, dropout {config.dropout:g}, max_len {config.max_len}, seeds {config.seeds}\n")
     print("| encoder | test acc (median) | spread (min-max) | dev acc (median) | test acc per seed | vs random init |")
     print("| --- | --- | --- | --- | --- | --- |")

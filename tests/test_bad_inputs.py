@@ -589,6 +589,26 @@ def plot_of_a_damaged_metrics_line(tmp, cache):
     return "cli", ["plot", str(tmp / "run")], f"{tmp / 'run' / 'metrics.jsonl'} line 2: not a JSON record"
 
 
+# Fine-tuning's hyperparameter grid (checked before any task or checkpoint is read).
+def finetune_flags(tmp: Path, *grid: str) -> list[str]:
+    return ["finetune", "--pretrained", "none", "--task-dir", str(tmp / "task"), *grid, "--output", str(tmp / "out")]
+
+
+@case
+def finetune_negative_learning_rate(tmp, cache):
+    return "cli", finetune_flags(tmp, "--lr", "2e-5", "-0.00003"), "--lr -3e-05: a learning rate must be positive"
+
+
+@case
+def finetune_zero_batch_size(tmp, cache):
+    return "cli", finetune_flags(tmp, "--batch-size", "16", "0"), "--batch-size 0: a batch size must be at least 1"
+
+
+@case
+def finetune_learning_rate_given_twice(tmp, cache):
+    return "cli", finetune_flags(tmp, "--lr", "2e-5", "3e-5", "2e-5"), "--lr 2e-05 3e-05 2e-05: 2e-05 is given twice"
+
+
 def snapshot(*roots: Path) -> dict[str, bytes]:
     return {str(p): p.read_bytes() for root in roots for p in sorted(root.rglob("*")) if p.is_file()} | \
         {str(p): b"<dir>" for root in roots for p in root.rglob("*") if p.is_dir()}

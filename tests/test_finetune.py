@@ -2,6 +2,7 @@
 (when the trainer is there) fine-tuning from a real `amos_ds/pretrain.py` checkpoint."""
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -16,8 +17,10 @@ from amos_ds.data.tokenizer import Tokenizer, train_tokenizer
 from amos_ds.errors import ConfigError, DataError
 from amos_ds.finetune import metrics
 from amos_ds.finetune.classifier import ClassificationHead, SentenceClassifier
+from amos_ds.finetune.grid import PAPER_GRID, SMALL_MODEL_GRID, Grid, best_setting, default_grid, median_scores
 from amos_ds.finetune.pretrained import EncoderSource, find_tokenizer, load_source, read_checkpoint
-from amos_ds.finetune.tasks import Example, batches, encode, load_task, read_tsv, truncate_pair
+from amos_ds.finetune.run import FinetuneConfig, learned, trivial_train_loss
+from amos_ds.finetune.tasks import Example, Task, batches, encode, load_task, read_tsv, truncate_pair
 from amos_ds.model import AMOSModel
 from amos_ds.vocab import CLS_ID, PAD_ID, SEP_ID
 
@@ -142,23 +145,79 @@ def test_batches_pad_each_batch_to_its_longest_sentence_and_mask_the_padding():
     assert second["attention_mask"].tolist() == [[1] * 6] and second["labels"].tolist() == [1]
 
 
-def test_random_init_tiny_learns_synthetic_task(synthetic, tmp_path):
+def test_lr_grid_picks_the_rate_that_learns_and_warns_only_when_none_did(synthetic, tmp_path, capsys):
+    """In three epochs lr 1e-6 leaves random-init tiny at the loss of a constant prediction (ln 2 here), lr 1e-3 learns
+    the cue word: the grid must pick 1e-3 by median dev accuracy, and warn only when 1e-6 is all it was given."""
     task, tokenizer = synthetic
-    code = finetune_cli("--pretrained", "none", "--preset", "tiny", "--tokenizer", str(tokenizer),
-                        "--task-dir", str(task), "--epochs", "3", "--lr", "1e-3", "--batch-size", "16",
-                        "--warmup", "0.1", "--seeds", "1", "2", "--max-len", "32", "--output", str(tmp_path))
-    assert code == 0
-    results = json.loads((tmp_path / "results.json").read_text())
+    common = ("--pretrained", "none", "--preset", "tiny", "--tokenizer", str(tokenizer), "--task-dir", str(task),
+              "--batch-size", "16", "--warmup", "0.1", "--max-len", "32")
+    assert finetune_cli(*common, "--lr", "1e-6", "1e-3", "--epochs", "3", "--seeds", "1", "2",
+                        "--output", str(tmp_path / "grid")) == 0
+    out, err = capsys.readouterr()
+    results = json.loads((tmp_path / "grid" / "results.json").read_text())
     assert results["sizes"] == {"train": 480, "dev": 120, "test": 200}
-    assert [len(run["epochs"]) for run in results["runs"]] == [3, 3]
-    for run in results["runs"]:
+    assert [(s["lr"], s["batch_size"]) for s in results["settings"]] == [(1e-6, 16), (1e-3, 16)]
+    stuck, learning = results["settings"]
+    assert results["best"] == {"lr": 1e-3, "batch_size": 16}
+    assert results["median"] == learning["median"] and results["runs"] == learning["runs"]
+    assert [run["learned"] for run in stuck["runs"]] == [False, False]
+    assert [run["learned"] for run in learning["runs"]] == [True, True]
+    trivial = results["trivial_train_loss"]
+    assert 0.69 < trivial <= math.log(2)  # 480 labels drawn half and half
+    assert all(run["epochs"][-1]["train_loss"] > 0.95 * trivial for run in stuck["runs"])
+    for run in learning["runs"]:
+        assert [e["epoch"] for e in run["epochs"]] == [1, 2, 3]
         best = max(run["epochs"], key=lambda e: e["dev"]["accuracy"])
-        assert (run["best_epoch"], run["test"]) == (best["epoch"], best["test"])
-        assert run["epochs"][-1]["train_loss"] < run["epochs"][0]["train_loss"]
+        assert (run["best_epoch"], run["dev"], run["test"]) == (best["epoch"], best["dev"], best["test"])
     assert results["metric"] == "accuracy" and set(results["median"]["test"]) == {"accuracy", "f1", "matthews"}
     seeds = [run["test"]["accuracy"] for run in results["runs"]]
     assert results["median"]["test"]["accuracy"] == pytest.approx(sum(seeds) / 2)  # the median of two is their mean
     assert results["median"]["dev"]["accuracy"] >= 0.95 and results["median"]["test"]["accuracy"] >= 0.95, results
+    assert stuck["median"]["dev"]["accuracy"] < 0.8
+    table = out.splitlines()
+    assert [line.split()[:2] for line in table if line.endswith("<- best")] == [["0.001", "16"]]
+    assert "best setting lr 0.001, batch 16; median over 2 seed(s)" in out
+    assert "warning:" not in err
+
+    assert finetune_cli(*common, "--lr", "1e-6", "--epochs", "1", "--seeds", "1",
+                        "--output", str(tmp_path / "stuck")) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("warning: 1 of 1 seed(s) at the best setting (lr 1e-06, batch 16)")
+    assert "did not learn; try a higher --lr" in warnings[0] and "more --epochs" in warnings[0]
+
+
+def test_median_best_setting_and_trivial_loss_match_hand_computed_values():
+    def run(dev: float, test: float, loss: float = 0.1) -> dict:
+        return {"dev": {"accuracy": dev}, "test": {"accuracy": test}, "epochs": [{"train_loss": loss}]}
+
+    # Each metric's median on its own: dev of (0.9, 0.5, 0.7) is 0.7, test of (0.6, 0.8, 0.2) is 0.6.
+    assert median_scores([run(0.9, 0.6), run(0.5, 0.8), run(0.7, 0.2)]) == {"dev": {"accuracy": 0.7},
+                                                                            "test": {"accuracy": 0.6}}
+    assert median_scores([run(0.2, 0), run(0.8, 0), run(0.4, 0), run(0.6, 1)])["dev"]["accuracy"] == 0.5
+    # The median, not the mean, ranks settings: (0.1, 0.9, 0.9) has median 0.9 and mean 0.63, beating a steady 0.8.
+    steady = {"lr": 1e-5, "median": median_scores([run(0.8, 0.8)] * 3)}
+    erratic = {"lr": 2e-5, "median": median_scores([run(0.1, 0.1), run(0.9, 0.7), run(0.9, 0.5)])}
+    tied = {"lr": 3e-5, "median": median_scores([run(0.9, 0.1)])}
+    assert best_setting([steady, erratic, tied], "accuracy") is erratic  # the first of the two at 0.9
+    assert erratic["median"]["test"]["accuracy"] == 0.5
+
+    three_to_one = [([1], 0), ([1], 0), ([1], 0), ([1], 1)]
+    entropy = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))  # 0.5623
+    assert trivial_train_loss(Task("c", ["a", "b"], [], [], []), three_to_one) == pytest.approx(entropy)
+    assert trivial_train_loss(Task("r", [], [], [], []), [([1], 1.0), ([1], 2.0), ([1], 3.0)]) == pytest.approx(2 / 3)
+    assert learned(run(0, 0, loss=0.94 * entropy), entropy) and not learned(run(0, 0, loss=0.96 * entropy), entropy)
+
+
+def test_default_grid_follows_the_encoders_width():
+    assert default_grid(get_preset("base")) == PAPER_GRID == Grid((1e-5, 2e-5, 3e-5, 4e-5, 5e-5), (16, 32), 3)
+    for preset in ("tiny", "small"):
+        assert default_grid(get_preset(preset)) == SMALL_MODEL_GRID
+    assert SMALL_MODEL_GRID.lr[0] > PAPER_GRID.lr[-1]
+    config = FinetuneConfig(lr=[3e-4], seeds=[7]).with_defaults(get_preset("tiny"))
+    assert (config.lr, config.batch_size, config.epochs, config.seeds) == ([3e-4], [16, 32], 10, [7])
+    config = FinetuneConfig(epochs=2, batch_size=[8]).with_defaults(get_preset("base"))
+    assert (config.lr, config.batch_size, config.epochs) == ([1e-5, 2e-5, 3e-5, 4e-5, 5e-5], [8], 2)
 
 
 @pytest.mark.parametrize("content, message", [
@@ -239,7 +298,7 @@ def test_finetunes_from_a_pretrain_checkpoint(synthetic, tmp_path, pretrain_tiny
     loaded = source.build(dropout=0.1).state_dict()
     assert all(torch.equal(loaded[name], saved[name]) for name in loaded)
     assert finetune_cli("--pretrained", str(run_dir), "--task-dir", str(task), "--epochs", "1", "--seeds", "1",
-                        "--max-len", "32", "--output", str(tmp_path / "out")) == 0
+                        "--lr", "1e-3", "--batch-size", "32", "--max-len", "32", "--output", str(tmp_path / "out")) == 0
     assert json.loads((tmp_path / "out" / "results.json").read_text())["encoder"] == source.description
 
 
