@@ -119,3 +119,17 @@ def test_a_damaged_line_before_the_last_is_an_error_naming_it(tmp_path):
     with pytest.raises(ConfigError, match=f"{tmp_path / METRICS_FILE} line 2: not a JSON record; restore the file or "
                                           "delete that line"):
         read_metrics(tmp_path)
+
+
+def test_a_config_change_is_warned_and_recorded_in_the_next_record(tmp_path, capsys):
+    monitor = type("Monitor", (), {"enabled": False})()
+    log = MetricsLog(tmp_path, monitor, resume_step=0, enabled=True)
+    log.note_config_change({"deepspeed.optimizer.params.lr": [0.001, 0.002]})
+    assert capsys.readouterr().err == ('warning: resuming with changed settings, recorded in metrics.jsonl: '
+                                       '{"deepspeed.optimizer.params.lr": [0.001, 0.002]}\n')
+    for step in (1, 2):
+        log.log({**RECORD, "step": step}, max_steps=2)
+    log.close()
+    records = read_metrics(tmp_path)
+    assert records[0]["config_change"] == {"deepspeed.optimizer.params.lr": [0.001, 0.002]}
+    assert "config_change" not in records[1]
