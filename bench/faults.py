@@ -4,8 +4,8 @@ that it ends with the weights of an uninterrupted run (fp32, same world size: bi
     python bench/faults.py                         # 20 trials, the four kinds in turn (about 30 min on 2 cores)
     python bench/faults.py --trials 40 --kinds save rank
 
-Kinds of fault, one per trial, at a moment drawn uniformly from the reference run's time between its first
-recorded step and its exit (so also during saves and the final one):
+Kinds of fault, one per trial, at a moment drawn as a step (uniformly from 1 to the last but one), then a delay
+within the reference run's mean step time (saves included) after that step is recorded:
     job      SIGKILL to every process of the job (a node lost, a preemption without notice)
     rank     SIGKILL to one rank; the deepspeed launcher then stops the others
     save     SIGKILL to the job while a checkpoint is being written (the step folder exists, amos_meta.json not yet)
@@ -120,13 +120,14 @@ def final_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=False)["module"]  # DeepSpeed's file: see RELIABILITY.md
 
 
-def inject(kind: str, job: Job, run_dir: Path, at_s: float, rng: random.Random) -> tuple[float | None, str]:
-    """Wait `at_s` seconds into training (or for a save, for `save`), inject the fault, return (time, detail)."""
-    while trained_steps(run_dir) == 0 and job.process.poll() is None:
-        time.sleep(0.02)
+def inject(kind: str, job: Job, run_dir: Path, at_step: int, delay_s: float,
+           rng: random.Random) -> tuple[float | None, str]:
+    """Wait until step `at_step` is recorded, then `delay_s` more (or for a save, for `save`), inject the fault;
+    return (time, detail)."""
+    while (trained_steps(run_dir) < at_step or (kind == "corrupt" and not complete_steps(run_dir))) and \
+            job.process.poll() is None:
+        time.sleep(0.01)  # corrupt: also something to corrupt
     started = time.monotonic()
-    while kind == "corrupt" and not complete_steps(run_dir) and job.process.poll() is None:
-        time.sleep(0.02)  # something to corrupt (a moment drawn before it is saved lands right after it)
     if kind == "save":
         target = max(complete_steps(run_dir), default=0) + 1
         while job.process.poll() is None:
@@ -137,7 +138,7 @@ def inject(kind: str, job: Job, run_dir: Path, at_s: float, rng: random.Random) 
                 return time.monotonic(), f"killed while writing {writing[0].name}"
             time.sleep(0.001)
         return None, "the run ended before a save was caught"
-    while time.monotonic() - started < at_s and job.process.poll() is None:
+    while time.monotonic() - started < delay_s and job.process.poll() is None:
         time.sleep(0.01)
     if job.process.poll() is not None:
         return None, "the run ended before the fault"
@@ -189,6 +190,7 @@ def main() -> int:
     first_step = time.monotonic()
     code = job.wait(900)
     duration, training_s = time.monotonic() - started, time.monotonic() - first_step
+    step_s = training_s / args.steps
     if code != 0 or complete_steps(reference)[-1:] != [args.steps]:
         print(f"reference run failed (exit {code}); see {args.out / 'reference.log'}")
         return 1
@@ -211,7 +213,9 @@ def main() -> int:
             shutil.rmtree(run_dir, ignore_errors=True)
             log.unlink(missing_ok=True)
             job = Job(2, port, [*flags, "--run-dir", str(run_dir)], log)
-            injected, detail = inject(kind, job, run_dir, rng.uniform(0, training_s), rng)
+            # A step drawn uniformly, then a moment within that step's time (its saves included): the runs' speed
+            # varies with the machine's load, so a moment in seconds would often fall after the end.
+            injected, detail = inject(kind, job, run_dir, rng.randrange(1, args.steps), rng.uniform(0, step_s), rng)
             job.wait(TIMEOUT_S + 120)
             if injected and complete_steps(run_dir)[-1:] == [args.steps]:  # only the exit was left to interrupt
                 injected, detail = None, "the run had saved its last checkpoint before the fault"
