@@ -7,8 +7,6 @@ reaches a 64-GPU job.
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from amos_ds.vocab import NUM_SPECIAL_TOKENS
-
 # How the generator's heads are mixed into the one distribution that replaced tokens are sampled from.
 MIXTURES = (
     "adversarial",  # AMOS: gamma = softmax(v . f(d)), learned through the reversed Gumbel-Softmax gradient
@@ -71,8 +69,6 @@ class ModelConfig:
                      "max_positions", "rel_buckets", "rel_max_distance"):
             if getattr(self, name) < 1:
                 fail(name, f"must be at least 1, got {getattr(self, name)}")
-        if self.vocab_size <= NUM_SPECIAL_TOKENS:
-            fail("vocab_size", f"must exceed the {NUM_SPECIAL_TOKENS} special tokens, got {self.vocab_size}")
         if self.hidden_size % self.num_heads:
             fail("hidden_size", f"{self.hidden_size} is not divisible by num_heads={self.num_heads}")
         if self.rel_buckets % 2:

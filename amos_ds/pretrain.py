@@ -55,6 +55,7 @@ from amos_ds.train.ds_config import (
 )
 from amos_ds.train.extension_lock import clear_stale_extension_locks
 from amos_ds.train.flops import device_peak_tflops, step_flops
+from amos_ds.train.init_from import init_record, load_init, locate_init
 from amos_ds.train.metrics import MetricsLog, average_over_ranks, memory_gib
 from amos_ds.train.nonfinite import NonFiniteGuard
 from amos_ds.train.param_groups import parameter_groups
@@ -148,7 +149,9 @@ def train_locked(config: TrainConfig, rank: int, world_size: int) -> int:
 
     # Data and model; the vocabulary size comes from the data's tokenizer.
     dataset = open_data(config)
-    model_config = config.model_config(dataset.vocab_size)
+    init = locate_init(config.init_from, dataset.tokenizer_hash, config.model, config.seq_len) \
+        if config.init_from else None
+    model_config = init.config if init else config.model_config(dataset.vocab_size)
 
     # Where to continue from. Another world size or ZeRO stage goes through a universal checkpoint. Checked before
     # anything is written, so that a bad --resume leaves the disk as it was.
@@ -177,6 +180,10 @@ def train_locked(config: TrainConfig, rank: int, world_size: int) -> int:
 
     seed_rng(config.seed)  # the same initial weights on every rank
     model = AMOSModel(model_config)
+    if init and not resume:
+        load_init(init, model)
+        if rank == 0:
+            print(f"starting from {init.path}: {init_record(init)['loaded']}", flush=True)
     compiled = should_compile(config.compile, get_accelerator().device_name(), zero_stage(ds_file))
     if compiled:
         model.compile_layers()
@@ -201,6 +208,7 @@ def train_locked(config: TrainConfig, rank: int, world_size: int) -> int:
     info = {"world_size": world_size, "zero_stage": zero_stage(ds_file), "precision": precision(ds_config),
             "tokenizer_hash": dataset.tokenizer_hash, "code_version": code_version(),
             "model": model_config.to_dict(), "train": config.to_dict(), "deepspeed": ds_config,
+            "init_from": init_record(init) if init else None,
             "config_changes": (resume.meta.get("config_changes", []) if resume else []) +
             ([{"step": resume.step, "changed": changes}] if changes else [])}
     flops_per_step = step_flops(model_config, config.seq_len, config.mask_prob, global_batch)

@@ -39,7 +39,7 @@ from amos_ds.model import AMOSModel  # noqa: E402
 from amos_ds.pretrain import setup_distributed  # noqa: E402
 from amos_ds.train.flops import device_peak_tflops, step_flops  # noqa: E402
 from amos_ds.train.metrics import average_over_ranks  # noqa: E402
-from amos_ds.vocab import CLS_ID, IGNORE_INDEX, NUM_SPECIAL_TOKENS, SEP_ID  # noqa: E402
+from amos_ds.vocab import AMOS_DS_CLS, AMOS_DS_SEP, AMOS_DS_SPECIAL_TOKENS, IGNORE_INDEX  # noqa: E402
 
 MASK_PROB = 0.15
 RTD_WEIGHT = 50.0
@@ -61,8 +61,8 @@ class RandomRows:
         self.vocab_size, self.seq_len = vocab_size, seq_len
 
     def __getitem__(self, index: int) -> np.ndarray:
-        row = np.random.default_rng(index).integers(NUM_SPECIAL_TOKENS, self.vocab_size, self.seq_len)
-        row[0], row[-1] = CLS_ID, SEP_ID
+        row = np.random.default_rng(index).integers(len(AMOS_DS_SPECIAL_TOKENS), self.vocab_size, self.seq_len)
+        row[0], row[-1] = AMOS_DS_CLS, AMOS_DS_SEP
         return row
 
 

@@ -609,6 +609,11 @@ def finetune_learning_rate_given_twice(tmp, cache):
     return "cli", finetune_flags(tmp, "--lr", "2e-5", "3e-5", "2e-5"), "--lr 2e-05 3e-05 2e-05: 2e-05 is given twice"
 
 
+@case
+def convert_not_a_release_folder(tmp, cache):
+    return "cli", ["convert", str(tmp), str(tmp / "out")], "not a release folder; it needs pytorch_model.bin"
+
+
 def snapshot(*roots: Path) -> dict[str, bytes]:
     return {str(p): p.read_bytes() for root in roots for p in sorted(root.rglob("*")) if p.is_file()} | \
         {str(p): b"<dir>" for root in roots for p in root.rglob("*") if p.is_dir()}

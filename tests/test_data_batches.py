@@ -14,7 +14,15 @@ from amos_ds.data.permutation import Permutation
 from amos_ds.data.preprocess import preprocess
 from amos_ds.data.tokenizer import train_tokenizer
 from amos_ds.errors import DataError
-from amos_ds.vocab import CLS_ID, IGNORE_INDEX, MASK_ID, NUM_SPECIAL_TOKENS, PAD_ID, SEP_ID
+from amos_ds.vocab import (
+    AMOS_DS_CLS,
+    AMOS_DS_MASK,
+    AMOS_DS_PAD,
+    AMOS_DS_SEP,
+    AMOS_DS_SPECIAL_TOKENS,
+    IGNORE_INDEX,
+    amos_ds_special_ids,
+)
 
 SEQ = 64
 
@@ -49,9 +57,10 @@ def test_packing(corpora):
     interior = []
     for i in range(len(ds)):
         sample = ds[i]
-        assert sample.dtype == np.int64 and len(sample) <= SEQ and sample[0] == CLS_ID and sample[-1] == SEP_ID
+        assert sample.dtype == np.int64 and len(sample) <= SEQ
+        assert sample[0] == AMOS_DS_CLS and sample[-1] == AMOS_DS_SEP
         chunk = tokens[i * (SEQ - 2):(i + 1) * (SEQ - 2)]
-        expected = np.concatenate([[CLS_ID], chunk] + ([] if chunk[-1] == SEP_ID else [[SEP_ID]]))
+        expected = np.concatenate([[AMOS_DS_CLS], chunk] + ([] if chunk[-1] == AMOS_DS_SEP else [[AMOS_DS_SEP]]))
         np.testing.assert_array_equal(sample, expected)
         interior.append(chunk)
     np.testing.assert_array_equal(np.concatenate(interior), tokens)
@@ -152,19 +161,19 @@ def test_sampler_rank_slices_and_errors():
 
 def test_masking_is_exact_and_reproducible():
     rng = np.random.default_rng(0)
-    tokens = rng.integers(NUM_SPECIAL_TOKENS, 1000, size=(4, 200))
-    tokens[:, 0], tokens[:, 99], tokens[:, -1] = CLS_ID, SEP_ID, SEP_ID
-    tokens[3, 150:] = PAD_ID
+    tokens = rng.integers(len(AMOS_DS_SPECIAL_TOKENS), 1000, size=(4, 200))
+    tokens[:, 0], tokens[:, 99], tokens[:, -1] = AMOS_DS_CLS, AMOS_DS_SEP, AMOS_DS_SEP
+    tokens[3, 150:] = AMOS_DS_PAD
     index = np.array([10, 11, 12, 13])
-    inputs, labels = mask_tokens(tokens, index, 42, 0.15, (1.0, 0.0, 0.0), 1000)
+    inputs, labels = mask_tokens(tokens, index, 42, 0.15, (1.0, 0.0, 0.0), amos_ds_special_ids(1000))
     masked = labels != IGNORE_INDEX
     assert masked.sum(axis=1).tolist() == [30, 30, 30, 22]  # round(0.15 * 197) and round(0.15 * 147)
-    assert np.all(inputs[masked] == MASK_ID) and np.all(labels[masked] == tokens[masked])
-    assert np.all(inputs[~masked] == tokens[~masked]) and not masked[tokens < NUM_SPECIAL_TOKENS].any()
+    assert np.all(inputs[masked] == AMOS_DS_MASK) and np.all(labels[masked] == tokens[masked])
+    assert np.all(inputs[~masked] == tokens[~masked]) and not masked[tokens < len(AMOS_DS_SPECIAL_TOKENS)].any()
     # Same (seed, index) -> same masks, whatever else is in the batch; another seed -> other masks.
-    again, _ = mask_tokens(tokens[[2, 0]], index[[2, 0]], 42, 0.15, (1.0, 0.0, 0.0), 1000)
+    again, _ = mask_tokens(tokens[[2, 0]], index[[2, 0]], 42, 0.15, (1.0, 0.0, 0.0), amos_ds_special_ids(1000))
     np.testing.assert_array_equal(again, inputs[[2, 0]])
-    other, _ = mask_tokens(tokens, index, 43, 0.15, (1.0, 0.0, 0.0), 1000)
+    other, _ = mask_tokens(tokens, index, 43, 0.15, (1.0, 0.0, 0.0), amos_ds_special_ids(1000))
     assert not np.array_equal(other, inputs)
 
 
@@ -172,28 +181,29 @@ def test_masks_of_a_known_seed_and_index_are_pinned():
     """The masks are a pure function of (seed, sample index, position): pinned here, so that a change of the hash,
     which would break bit-exact resume of existing checkpoints, is a deliberate one. Row 0 is all [MASK]; row 1 has
     a kept token (39), two random replacements (36 -> 52, 38 -> 34) and one [MASK]."""
-    tokens = np.array([[CLS_ID, *range(10, 24), SEP_ID], [CLS_ID, *range(30, 40), SEP_ID, PAD_ID, PAD_ID, PAD_ID,
-                                                           PAD_ID]])
-    inputs, labels = mask_tokens(tokens, np.array([3, 10**12 + 7]), 2026, 0.4, (0.5, 0.25, 0.25), 60)
+    tokens = np.array([[AMOS_DS_CLS, *range(10, 24), AMOS_DS_SEP],
+                       [AMOS_DS_CLS, *range(30, 40), AMOS_DS_SEP, *[AMOS_DS_PAD] * 4]])
+    special = amos_ds_special_ids(60)
+    inputs, labels = mask_tokens(tokens, np.array([3, 10**12 + 7]), 2026, 0.4, (0.5, 0.25, 0.25), special)
     assert inputs.tolist() == [[1, 10, 3, 12, 3, 14, 15, 3, 3, 18, 19, 3, 21, 3, 23, 2],
                                [1, 30, 31, 32, 33, 34, 3, 52, 37, 34, 39, 2, 0, 0, 0, 0]]
     assert labels.tolist() == [[-100, -100, 11, -100, 13, -100, -100, 16, 17, -100, -100, 20, -100, 22, -100, -100],
                                [-100, -100, -100, -100, -100, -100, 35, 36, -100, 38, 39, -100, -100, -100, -100, -100]]
     # Any integer seed is taken modulo 2**64.
-    again = mask_tokens(tokens, np.array([3, 10**12 + 7]), 2026 - 2**64, 0.4, (0.5, 0.25, 0.25), 60)
+    again = mask_tokens(tokens, np.array([3, 10**12 + 7]), 2026 - 2**64, 0.4, (0.5, 0.25, 0.25), special)
     np.testing.assert_array_equal(again[0], inputs)
 
 
 def test_masking_split():
     tokens = np.full((64, 512), 500, dtype=np.int64)
-    inputs, labels = mask_tokens(tokens, np.arange(64), 1, 0.15, (0.7, 0.2, 0.1), 1000)
+    inputs, labels = mask_tokens(tokens, np.arange(64), 1, 0.15, (0.7, 0.2, 0.1), amos_ds_special_ids(1000))
     masked = labels != IGNORE_INDEX
     assert masked.sum() == 64 * 77
-    to_mask = (inputs == MASK_ID).sum() / masked.sum()
+    to_mask = (inputs == AMOS_DS_MASK).sum() / masked.sum()
     kept = (inputs[masked] == 500).sum() / masked.sum()  # kept, or (1 in 996) replaced by itself
     assert abs(to_mask - 0.7) < 0.02 and abs(kept - 0.1) < 0.02
-    replaced = inputs[masked & (inputs != MASK_ID) & (inputs != 500)]
-    assert replaced.min() >= NUM_SPECIAL_TOKENS and replaced.max() < 1000
+    replaced = inputs[masked & (inputs != AMOS_DS_MASK) & (inputs != 500)]
+    assert replaced.min() >= len(AMOS_DS_SPECIAL_TOKENS) and replaced.max() < 1000
 
 
 def test_loader_batches_and_worker_independence(corpora):
@@ -221,7 +231,7 @@ def test_loader_batches_and_worker_independence(corpora):
         assert torch.equal(restored, sample)
         assert first["attention_mask"][row].sum() == len(sample)
     masked = (first["labels"] != IGNORE_INDEX).sum(dim=1).tolist()
-    candidates = [int((ds[int(i)] >= NUM_SPECIAL_TOKENS).sum()) for i in expected_index]
+    candidates = [int((ds[int(i)] >= len(AMOS_DS_SPECIAL_TOKENS)).sum()) for i in expected_index]
     assert masked == [int(0.15 * c + 0.5) for c in candidates] and min(masked) > 0
     # The model's static inputs: flat row-major indices of the masked tokens, and whether any token is padding.
     for batch in batches[0]:
@@ -242,7 +252,7 @@ def test_loader_masks_the_padding_of_short_samples(corpora):
         for row, index in enumerate(batch["sample_index"].tolist()):
             length = len(ds[index])
             assert batch["attention_mask"][row].tolist() == [int(t < length) for t in range(width)]
-            assert (batch["input_ids"][row, length:] == PAD_ID).all()
+            assert (batch["input_ids"][row, length:] == AMOS_DS_PAD).all()
             assert (batch["labels"][row, length:] == IGNORE_INDEX).all()
             padded_rows += length < width
     assert padded_rows >= 2

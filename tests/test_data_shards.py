@@ -17,7 +17,7 @@ from amos_ds.data.loader import open_corpora
 from amos_ds.data.preprocess import preprocess
 from amos_ds.data.tokenizer import Tokenizer, train_tokenizer
 from amos_ds.errors import DataError
-from amos_ds.vocab import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, UNK_ID
+from amos_ds.vocab import AMOS_DS_MASK, AMOS_DS_SPECIAL_TOKENS, AMOS_DS_UNK
 
 
 def topic_documents() -> list[str]:
@@ -38,12 +38,14 @@ def tokenizer(corpus_file, tmp_path_factory) -> Tokenizer:
 
 
 def test_tokenizer_special_ids_and_hash(tokenizer, tmp_path):
-    assert [tokenizer.sp.piece_to_id(p) for p in SPECIAL_TOKENS] == [PAD_ID, CLS_ID, SEP_ID, MASK_ID, UNK_ID] == [
-        0, 1, 2, 3, 4]
+    special = tokenizer.special
+    assert [tokenizer.sp.piece_to_id(p) for p in AMOS_DS_SPECIAL_TOKENS] == [
+        special.pad, special.cls, special.sep, special.mask, special.unk] == [0, 1, 2, 3, 4]
+    assert special.ordinary == (5, 1000) and special.pair(["a"], ["b"]) == [1, "a", 2, "b", 2]
     assert (tokenizer.sp.pad_id(), tokenizer.sp.bos_id(), tokenizer.sp.eos_id(), tokenizer.sp.unk_id()) == (0, 1, 2, 4)
     assert tokenizer.vocab_size == 1000 and tokenizer.dtype == np.uint16
-    assert MASK_ID not in tokenizer.encode("[MASK] [CLS] [SEP] are plain text here")
-    assert UNK_ID not in tokenizer.encode("☃ ü 漢字")  # byte fallback: nothing is unknown
+    assert AMOS_DS_MASK not in tokenizer.encode("[MASK] [CLS] [SEP] are plain text here")
+    assert AMOS_DS_UNK not in tokenizer.encode("☃ ü 漢字")  # byte fallback: nothing is unknown
     assert tokenizer.decode(tokenizer.encode("☃ ü 漢字")) == "☃ ü 漢字"
     meta = json.loads((tokenizer.directory / "tokenizer.json").read_text())
     assert meta["hash"] == tokenizer.hash and len(tokenizer.hash) == 16 and meta["lowercase"] is False
@@ -79,7 +81,7 @@ def test_round_trip_over_a_real_corpus(tokenizer, corpus_file, tmp_path):
     assert sum(s.num_tokens for s in shards) == manifest["tokens"] == sum(
         len(tokenizer.encode(d)) + 1 for d in docs)
     for shard in shards:
-        shard.verify(tokenizer.vocab_size)
+        shard.verify(tokenizer.vocab_size, tokenizer.special.sep)
         assert shard.tokenizer_hash == tokenizer.hash
 
 
@@ -162,7 +164,7 @@ def test_checksum_mismatch(shards, tokenizer):
     shard = IndexedShard(shards / "shard-00001")  # sizes still agree: only the checksum can tell
     with pytest.raises(DataError, match=r"shard-00001.bin: checksum mismatch: the tokens changed after writing; "
                                         r"delete this shard and rerun `amos-ds preprocess`"):
-        shard.verify(tokenizer.vocab_size)
+        shard.verify(tokenizer.vocab_size, tokenizer.special.sep)
     with pytest.raises(DataError, match=r"shard-00001.idx: does not match manifest.json"):
         open_corpora([str(shards)], 128, 0) if _rewrite_checksum(shards / "shard-00001") else None
 

@@ -13,7 +13,7 @@ from amos_ds.config import get_preset
 from amos_ds.data.tokenizer import Tokenizer, train_tokenizer
 from amos_ds.finetune.pretrained import EncoderSource, read_checkpoint
 from amos_ds.model import AMOSModel
-from amos_ds.vocab import CLS_ID, SEP_ID
+from amos_ds.vocab import AMOS_DS_CLS, AMOS_DS_SEP
 
 transformers = pytest.importorskip("transformers")
 
@@ -69,9 +69,9 @@ def test_export_gives_amos_ds_hidden_states_and_ids(tokenizers, tmp_path):
     assert (theirs.pad_token_id, theirs.cls_token_id, theirs.sep_token_id, theirs.mask_token_id,
             theirs.unk_token_id) == (0, 1, 2, 3, 4)
     for sentence in SENTENCES:
-        assert theirs(sentence)["input_ids"] == [CLS_ID, *ours.encode(sentence), SEP_ID], sentence
+        assert theirs(sentence)["input_ids"] == [AMOS_DS_CLS, *ours.encode(sentence), AMOS_DS_SEP], sentence
     pair = theirs(SENTENCES[0], SENTENCES[1])["input_ids"]
-    assert pair == [CLS_ID, *ours.encode(SENTENCES[0]), SEP_ID, *ours.encode(SENTENCES[1]), SEP_ID]
+    assert pair == [AMOS_DS_CLS, *ours.encode(SENTENCES[0]), AMOS_DS_SEP, *ours.encode(SENTENCES[1]), AMOS_DS_SEP]
 
     batch = theirs(SENTENCES, padding=True, return_tensors="pt")
     assert batch["attention_mask"].min() == 0  # padding is in the test

@@ -22,7 +22,7 @@ from amos_ds.finetune.pretrained import EncoderSource, find_tokenizer, load_sour
 from amos_ds.finetune.run import FinetuneConfig, learned, trivial_train_loss
 from amos_ds.finetune.tasks import Example, Task, batches, encode, load_task, read_tsv, truncate_pair
 from amos_ds.model import AMOSModel
-from amos_ds.vocab import CLS_ID, PAD_ID, SEP_ID
+from amos_ds.vocab import AMOS_DS_CLS, AMOS_DS_PAD, AMOS_DS_SEP
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "amos_ds" / "pretrain.py"
@@ -138,8 +138,8 @@ def test_padding_changes_no_classifier_logit():
 
 def test_batches_pad_each_batch_to_its_longest_sentence_and_mask_the_padding():
     encoded = [([1, 7, 8, 2], 0), ([1, 9, 2], 1), ([1, 5, 6, 7, 8, 2], 1)]
-    first, second = batches(encoded, batch_size=2)
-    assert first["input_ids"].tolist() == [[1, 7, 8, 2], [1, 9, 2, PAD_ID]]
+    first, second = batches(encoded, batch_size=2, pad_id=AMOS_DS_PAD)
+    assert first["input_ids"].tolist() == [[1, 7, 8, 2], [1, 9, 2, AMOS_DS_PAD]]
     assert first["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
     assert first["labels"].tolist() == [0, 1]
     assert second["attention_mask"].tolist() == [[1] * 6] and second["labels"].tolist() == [1]
@@ -356,9 +356,9 @@ def test_pairs_are_cls_a_sep_b_sep_cut_longest_first(synthetic):
     a, b = "the film story plot actors scene", "music"
     ids_a, ids_b = tokenizer.encode(a), tokenizer.encode(b)
     [(ids, label)] = encode([Example("2.5", a, b)], tokenizer, [], max_len=64)
-    assert ids == [CLS_ID, *ids_a, SEP_ID, *ids_b, SEP_ID] and label == 2.5
+    assert ids == [AMOS_DS_CLS, *ids_a, AMOS_DS_SEP, *ids_b, AMOS_DS_SEP] and label == 2.5
     [(ids, label)] = encode([Example("1", a, b)], tokenizer, ["0", "1"], max_len=len(ids_b) + 5)
-    assert ids == [CLS_ID, *ids_a[:2], SEP_ID, *ids_b, SEP_ID] and label == 1
+    assert ids == [AMOS_DS_CLS, *ids_a[:2], AMOS_DS_SEP, *ids_b, AMOS_DS_SEP] and label == 1
     assert truncate_pair([1, 2, 3, 4], [5, 6, 7], 4) == ([1, 2], [5, 6])
 
 

@@ -10,7 +10,7 @@ from amos_ds.config import get_preset, with_ablation
 from amos_ds.finetune.pretrained import TextEncoder, encoder_state
 from amos_ds.model import AMOSModel, RelativePositionBias, relative_position_bucket
 from amos_ds.model import amos as amos_module
-from amos_ds.vocab import IGNORE_INDEX, MASK_ID, PAD_ID
+from amos_ds.vocab import AMOS_DS_MASK, AMOS_DS_PAD, IGNORE_INDEX
 
 TINY = get_preset("tiny", dropout=0.0, attention_dropout=0.0)
 
@@ -20,10 +20,10 @@ def make_batch(config, batch=4, seq_len=24, seed=0, mask_prob=0.3):
     original = torch.randint(5, config.vocab_size, (batch, seq_len), generator=generator)
     attention_mask = torch.ones(batch, seq_len, dtype=torch.long)
     attention_mask[0, seq_len - 5:] = 0
-    original[attention_mask == 0] = PAD_ID
+    original[attention_mask == 0] = AMOS_DS_PAD
     masked = (torch.rand(batch, seq_len, generator=generator) < mask_prob) & attention_mask.bool()
     labels = torch.where(masked, original, torch.full_like(original, IGNORE_INDEX))
-    input_ids = torch.where(masked, torch.full_like(original, MASK_ID), original)
+    input_ids = torch.where(masked, torch.full_like(original, AMOS_DS_MASK), original)
     return input_ids, attention_mask, labels
 
 
@@ -259,7 +259,7 @@ def sequences_with_masks(config):
         original = torch.randint(5, config.vocab_size, (length,), generator=generator)
         labels = torch.full_like(original, IGNORE_INDEX)
         labels[masked_positions] = original[masked_positions]
-        input_ids = torch.where(labels != IGNORE_INDEX, torch.full_like(original, MASK_ID), original)
+        input_ids = torch.where(labels != IGNORE_INDEX, torch.full_like(original, AMOS_DS_MASK), original)
         rows.append((input_ids, labels))
     return rows
 
@@ -310,7 +310,7 @@ def test_padding_changes_no_output_at_real_positions():
         model.mlm_head.bias[7] = 1e4
     alone = [rtd_logits_of(model, unpadded(row), seed=0) for row in rows]
     real = torch.tensor([len(ids) for ids, _ in rows], dtype=torch.float32)
-    for filler in (torch.full((32,), PAD_ID), torch.randint(5, TINY.vocab_size, (32,))):
+    for filler in (torch.full((32,), AMOS_DS_PAD), torch.randint(5, TINY.vocab_size, (32,))):
         batch = pad_rows(rows, 32, filler)
         out, logits = rtd_logits_of(model, batch, seed=0)
         for row, (_, single_logits) in enumerate(alone):
@@ -323,7 +323,7 @@ def test_padding_changes_no_output_at_real_positions():
     masked = torch.tensor([float((labels != IGNORE_INDEX).sum()) for _, labels in rows])
     for model in (build(TINY), build(with_ablation(TINY, "separate_generators"))):
         alone = torch.stack([model(*unpadded(row), seed=0).head_losses for row in rows])
-        for filler in (torch.full((32,), PAD_ID), torch.randint(5, TINY.vocab_size, (32,))):
+        for filler in (torch.full((32,), AMOS_DS_PAD), torch.randint(5, TINY.vocab_size, (32,))):
             batched = model(*pad_rows(rows, 32, filler), seed=0).head_losses
             torch.testing.assert_close(batched, (alone * masked[:, None]).sum(0) / masked.sum(), rtol=1e-5, atol=0)
 
@@ -335,7 +335,7 @@ def test_metrics_of_a_batch_whose_answer_is_known(rtd_bias):
     model = build(TINY)
     rows = sequences_with_masks(TINY)
     rows[0][1][5] = 7  # one masked original is token 7: its sample equals it, so it counts as original
-    input_ids, attention_mask, labels = pad_rows(rows, 24, torch.full((24,), PAD_ID))
+    input_ids, attention_mask, labels = pad_rows(rows, 24, torch.full((24,), AMOS_DS_PAD))
     with torch.no_grad():
         model.mlm_head.bias[7] = 1e4
         model.rtd_head.weight.zero_()

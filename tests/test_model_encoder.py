@@ -9,7 +9,7 @@ from torch import nn
 
 from amos_ds.config import get_preset
 from amos_ds.model import AMOSModel, Encoder, RelativePositionBias, relative_position_bucket
-from amos_ds.vocab import IGNORE_INDEX, MASK_ID
+from amos_ds.vocab import AMOS_DS_MASK, IGNORE_INDEX
 
 TINY = get_preset("tiny", dropout=0.0, attention_dropout=0.0)
 
@@ -86,7 +86,7 @@ def test_bf16_model_computes_in_bf16():
     input_ids = torch.randint(5, TINY.vocab_size, (2, 12))
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, 3:6] = input_ids[:, 3:6]
-    input_ids[:, 3:6] = MASK_ID
+    input_ids[:, 3:6] = AMOS_DS_MASK
     hidden = []
     model.discriminator.register_forward_hook(lambda module, args, output: hidden.append(output[-1]))
     out = model(input_ids, torch.ones_like(input_ids), labels, seed=0)

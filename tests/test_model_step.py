@@ -11,7 +11,7 @@ from amos_ds.config import get_preset
 from amos_ds.model import AMOSModel, relative_position_bucket
 from amos_ds.model.encoder import Encoder, FlexBias
 from amos_ds.pretrain import model_inputs, should_compile
-from amos_ds.vocab import IGNORE_INDEX, MASK_ID, PAD_ID
+from amos_ds.vocab import AMOS_DS_MASK, AMOS_DS_PAD, IGNORE_INDEX
 
 TINY = get_preset("tiny", dropout=0.0, attention_dropout=0.0)
 CUDA = torch.cuda.is_available()
@@ -23,10 +23,10 @@ def make_batch(config, padded: bool, batch=3, seq_len=20, seed=0):
     attention_mask = torch.ones(batch, seq_len, dtype=torch.long)
     if padded:
         attention_mask[1, seq_len - 6:] = 0
-    original[attention_mask == 0] = PAD_ID
+    original[attention_mask == 0] = AMOS_DS_PAD
     masked = (torch.rand(batch, seq_len, generator=generator) < 0.3) & attention_mask.bool()
     labels = torch.where(masked, original, torch.full_like(original, IGNORE_INDEX))
-    input_ids = torch.where(masked, torch.full_like(original, MASK_ID), original)
+    input_ids = torch.where(masked, torch.full_like(original, AMOS_DS_MASK), original)
     return input_ids, attention_mask, labels
 
 

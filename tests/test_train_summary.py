@@ -11,7 +11,7 @@ from amos_ds.data.preprocess import preprocess
 from amos_ds.data.tokenizer import train_tokenizer
 from amos_ds.train.plot import plot_run
 from amos_ds.train.summary import learning_summary, read_summary, summary_lines, unigram_entropy, write_summary
-from amos_ds.vocab import NUM_SPECIAL_TOKENS
+from amos_ds.vocab import AMOS_DS_SPECIAL_TOKENS
 
 TEXT = "".join(f"Sentence number {i} says the {'cat' if i % 3 else 'dog'} sat on mat {i % 7}.\n\n" for i in range(300))
 
@@ -28,7 +28,7 @@ def corpus(tmp_path_factory):
 def test_unigram_entropy_counts_the_ordinary_tokens_of_every_sample(corpus):
     dataset = open_corpora([str(corpus)], seq_len=32, seed=0)
     tokens = dataset.corpora[0].tokens(0, dataset.corpora[0].num_tokens)  # every sample, each token once
-    counts = np.bincount(tokens[tokens >= NUM_SPECIAL_TOKENS])
+    counts = np.bincount(tokens[tokens >= len(AMOS_DS_SPECIAL_TOKENS)])
     expected = -sum(c / counts.sum() * math.log(c / counts.sum()) for c in counts if c)
     assert len(dataset) < 4096 and unigram_entropy(dataset) == pytest.approx(expected, rel=1e-12)
     assert unigram_entropy(dataset, max_samples=3) != pytest.approx(expected, rel=1e-6)  # a sample of 3 differs

@@ -36,7 +36,7 @@ def inspect_command(args: argparse.Namespace) -> int:
 
     from amos_ds.data.dataset import MIN_SEQ_LEN, Corpus
     from amos_ds.data.loader import DataConfig, MaskedBatches, open_corpora
-    from amos_ds.data.tokenizer import Tokenizer
+    from amos_ds.data.tokenizer import load_tokenizer
 
     if args.seq_len < MIN_SEQ_LEN:
         raise DataError(f"--seq-len must be at least {MIN_SEQ_LEN}, got {args.seq_len}")
@@ -44,10 +44,10 @@ def inspect_command(args: argparse.Namespace) -> int:
     print(f"{args.dir}: tokenizer {corpus.tokenizer_hash}, vocabulary {corpus.vocab_size}, "
           f"{corpus.manifest['documents']:,} documents, {corpus.num_tokens:,} tokens, "
           f"{corpus.manifest['text_bytes'] / 1e6:,.1f} MB of text, {len(corpus.manifest['shards'])} shards")
+    tokenizer = load_tokenizer(corpus.tokenizer_dir)
     for shard in corpus.shards:
-        shard.verify(corpus.vocab_size)
+        shard.verify(corpus.vocab_size, tokenizer.special.sep)
         print(f"  {shard.prefix.name}: {shard.num_docs:,} documents, {shard.num_tokens:,} tokens, checksums ok")
-    tokenizer = Tokenizer(corpus.tokenizer_dir)
     if tokenizer.hash != corpus.tokenizer_hash:
         raise DataError(f"{corpus.tokenizer_dir}: tokenizer {tokenizer.hash} is not the shards' "
                         f"{corpus.tokenizer_hash}; rerun `amos-ds preprocess` into a fresh folder")

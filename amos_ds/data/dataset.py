@@ -21,8 +21,8 @@ import numpy as np
 from amos_ds.data.indexed import IndexedShard
 from amos_ds.data.permutation import Permutation
 from amos_ds.data.preprocess import MANIFEST, TOKENIZER_DIR
+from amos_ds.data.tokenizer import load_tokenizer
 from amos_ds.errors import DataError
-from amos_ds.vocab import CLS_ID, SEP_ID
 
 
 class Corpus:
@@ -121,6 +121,7 @@ class PackedDataset:
         self.tokenizer_hash = corpora[0].tokenizer_hash
         self.vocab_size = corpora[0].vocab_size
         self.tokenizer_dir = corpora[0].tokenizer_dir
+        self.special = load_tokenizer(self.tokenizer_dir).special  # the [CLS], [SEP] and padding of every sample
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -141,11 +142,11 @@ class PackedDataset:
         c, j = self.locate(int(index))
         corpus = self.corpora[c]
         chunk = corpus.tokens(j * self.span, min((j + 1) * self.span, corpus.num_tokens))
-        closed = chunk[-1] == SEP_ID
+        closed = chunk[-1] == self.special.sep
         sample = np.empty(len(chunk) + (1 if closed else 2), dtype=np.int64)
-        sample[0] = CLS_ID
+        sample[0] = self.special.cls
         sample[1:1 + len(chunk)] = chunk
-        sample[-1] = SEP_ID
+        sample[-1] = self.special.sep
         return sample
 
 

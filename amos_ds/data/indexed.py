@@ -14,7 +14,6 @@ import numpy as np
 
 from amos_ds.atomic import publish
 from amos_ds.errors import DataError
-from amos_ds.vocab import SEP_ID
 
 MAGIC = b"AMOSIDX\x00"
 VERSION = 1
@@ -115,8 +114,9 @@ class IndexedShard:
         """Tokens of document `d`, its trailing [SEP] included."""
         return self.tokens[self.offsets[d]:self.offsets[d + 1]]
 
-    def verify(self, vocab_size: int, chunk_tokens: int = 1 << 24) -> None:
-        """Full check: both checksums, offsets increasing, every document ending with [SEP], ids below vocab_size."""
+    def verify(self, vocab_size: int, sep_id: int, chunk_tokens: int = 1 << 24) -> None:
+        """Full check: both checksums, offsets increasing, every document ending with `sep_id` (the tokenizer's
+        [SEP]), ids below vocab_size."""
         digest = hashlib.sha256()
         for start in range(0, self.num_tokens, chunk_tokens):
             chunk = np.asarray(self.tokens[start:start + chunk_tokens])
@@ -128,5 +128,5 @@ class IndexedShard:
         if hashlib.sha256(np.asarray(self.offsets).data).digest() != self.offsets_sha256:
             raise self._error("checksum mismatch: the document offsets changed after writing", self.idx_path)
         ends = np.asarray(self.offsets[1:])
-        if self.num_docs and (np.any(np.diff(self.offsets) <= 0) or np.any(self.tokens[ends - 1] != SEP_ID)):
+        if self.num_docs and (np.any(np.diff(self.offsets) <= 0) or np.any(self.tokens[ends - 1] != sep_id)):
             raise self._error("document offsets do not match the tokens", self.idx_path)

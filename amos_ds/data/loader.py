@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from amos_ds.data.dataset import PackedDataset, open_corpora
 from amos_ds.data.masking import mask_tokens
 from amos_ds.data.sampler import ResumableSampler
-from amos_ds.vocab import IGNORE_INDEX, PAD_ID
+from amos_ds.vocab import IGNORE_INDEX
 
 
 @dataclass
@@ -54,13 +54,14 @@ class MaskedBatches:
 
     def __getitem__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         samples = [self.dataset[i] for i in indices]
-        tokens = np.full((len(samples), max(map(len, samples))), PAD_ID, dtype=np.int64)
+        special = self.dataset.special
+        tokens = np.full((len(samples), max(map(len, samples))), special.pad, dtype=np.int64)
         for row, sample in enumerate(samples):
             tokens[row, :len(sample)] = sample
         index = np.asarray(indices, dtype=np.int64)
         inputs, labels = mask_tokens(tokens, index, self.config.seed, self.config.mask_prob, self.config.mask_split,
-                                     self.dataset.vocab_size)
-        real = tokens != PAD_ID
+                                     special)
+        real = tokens != special.pad
         return {"input_ids": torch.from_numpy(inputs), "attention_mask": torch.from_numpy(real).long(),
                 "labels": torch.from_numpy(labels), "sample_index": torch.from_numpy(index),
                 "masked_positions": torch.from_numpy(np.flatnonzero(labels != IGNORE_INDEX)),

@@ -22,7 +22,7 @@ import numpy as np
 from amos_ds.atomic import write_atomically
 from amos_ds.data.indexed import IndexedShard, ShardWriter, shard_name
 from amos_ds.data.sources import SourceStats, expand_inputs, iter_sources
-from amos_ds.data.tokenizer import Tokenizer, copy_tokenizer
+from amos_ds.data.tokenizer import SentencepieceTokenizer, copy_tokenizer, load_tokenizer
 from amos_ds.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -31,13 +31,13 @@ TOKENIZER_DIR = "tokenizer"
 FORMAT_VERSION = 1
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
-_worker_tokenizer: Tokenizer | None = None
+_worker_tokenizer: SentencepieceTokenizer | None = None
 
 
 def _init_worker(tokenizer_dir: str) -> None:
     global _worker_tokenizer
     _fix_mmap_threshold()
-    _worker_tokenizer = Tokenizer(tokenizer_dir)
+    _worker_tokenizer = load_tokenizer(tokenizer_dir)
 
 
 def _fix_mmap_threshold() -> None:
@@ -84,7 +84,8 @@ class Progress:
         print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
 
 
-def _plan(files: list[Path], tokenizer: Tokenizer, shard_mb: float, batch_mb: float, text_field: str) -> dict:
+def _plan(files: list[Path], tokenizer: SentencepieceTokenizer, shard_mb: float, batch_mb: float,
+          text_field: str) -> dict:
     sources = []
     for path in files:
         stat = path.stat()
@@ -140,7 +141,7 @@ def preprocess(inputs: list[str], tokenizer_dir: str, output: str, workers: int 
     if not MIN_SHARD_MB <= shard_mb <= MAX_SHARD_MB:  # also refuses NaN
         raise DataError(f"--shard-mb must be in [{MIN_SHARD_MB}, {MAX_SHARD_MB}], got {shard_mb}")
     files = expand_inputs(inputs)
-    tokenizer = Tokenizer(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     batch_mb = min(batch_mb, shard_mb)
     out = Path(output)
     plan = _plan(files, tokenizer, shard_mb, batch_mb, text_field)

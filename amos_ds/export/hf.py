@@ -14,9 +14,9 @@ from pathlib import Path
 
 from amos_ds.atomic import staged
 from amos_ds.config import ModelConfig
+from amos_ds.data.tokenizer import Tokenizer
 from amos_ds.errors import ConfigError
 from amos_ds.finetune.pretrained import find_tokenizer, load_weights, locate_checkpoint
-from amos_ds.vocab import PAD_ID
 
 REMOTE_CODE = Path(__file__).resolve().parent / "remote"
 MODELING_FILE = "modeling_amos_ds.py"
@@ -31,7 +31,7 @@ AUTO_MAP = {
 GENERATOR_DIR = "generator"
 
 
-def hf_config_values(config: ModelConfig, generator: bool = False) -> dict:
+def hf_config_values(config: ModelConfig, pad_token_id: int, generator: bool = False) -> dict:
     """AmosDsConfig's fields for an amos-ds ModelConfig's discriminator, or its generator (no dropout)."""
     dropout = 0.0 if generator else config.dropout
     return dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
@@ -41,7 +41,7 @@ def hf_config_values(config: ModelConfig, generator: bool = False) -> dict:
                 relative_max_distance=config.rel_max_distance, hidden_dropout_prob=dropout,
                 attention_probs_dropout_prob=0.0 if generator else config.attention_dropout,
                 classifier_dropout=dropout, layer_norm_eps=config.layer_norm_eps, initializer_range=config.init_std,
-                pad_token_id=PAD_ID)
+                pad_token_id=pad_token_id)
 
 
 def hf_state_dict(state: dict) -> dict:
@@ -78,11 +78,15 @@ def export_encoder(source: str, output: str | os.PathLike, tokenizer: str | None
         raise ConfigError(f"--generator: {checkpoint.path} has separate generators (one per head); only a shared "
                           "generator is exported")
     found = find_tokenizer(checkpoint, tokenizer)  # before the merge of the weights, which can take minutes
+    if not isinstance(found, Tokenizer):  # the shipped tokenizer code reads amos-ds's sentencepiece layout only
+        raise ConfigError(f"{source}: its tokenizer ({found.directory}) is the release's sp.model + dict.txt, which "
+                          "the Hugging Face folder's tokenizer cannot express; use --format amos-release")
     load_weights(checkpoint, with_generator=generator)
     hf_tokenizer = AmosDsTokenizer(vocab_file=str(found.directory / "tokenizer.model"),
                                    model_max_length=checkpoint.config.max_positions)
     provenance = dict(amos_ds_tokenizer_hash=found.hash, amos_ds_model_config=checkpoint.config.to_dict())
-    model = AmosDsModel(AmosDsConfig(**hf_config_values(checkpoint.config), architectures=["AmosDsModel"],
+    pad = found.special.pad
+    model = AmosDsModel(AmosDsConfig(**hf_config_values(checkpoint.config, pad), architectures=["AmosDsModel"],
                                      auto_map=AUTO_MAP, **provenance))
     model.load_state_dict(hf_state_dict(checkpoint.state), strict=True)
 
@@ -91,7 +95,7 @@ def export_encoder(source: str, output: str | os.PathLike, tokenizer: str | None
         with staged(output) as staging:
             write_folder(model, hf_tokenizer, staging)
             if generator:
-                masked_lm = AmosDsForMaskedLM(AmosDsConfig(**hf_config_values(checkpoint.config, generator=True),
+                masked_lm = AmosDsForMaskedLM(AmosDsConfig(**hf_config_values(checkpoint.config, pad, generator=True),
                                                            architectures=["AmosDsForMaskedLM"], auto_map=AUTO_MAP,
                                                            **provenance))
                 masked_lm.load_state_dict(hf_generator_state_dict(checkpoint.state), strict=True)

@@ -74,8 +74,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           f"{grid_flags(SMALL_MODEL_GRID)}. results.json holds every run of every "
                                           "setting, each setting's medians, the best setting and its medians.")
     parser.add_argument("--pretrained", required=True, metavar="PATH",
-                        help="checkpoint tag folder, run directory, state-dict file (with --model-config), or 'none' "
-                             "for random init")
+                        help="checkpoint tag folder, run directory, state-dict file (with --model-config), the "
+                             "authors' release folder (microsoft/amos: pytorch_model.bin, config.json, sp.model, "
+                             "dict.txt), or 'none' for random init")
     parser.add_argument("--task-dir", required=True, metavar="DIR", help="folder with train.tsv, dev.tsv, test.tsv "
                         "(a header naming label and sentence, or sentence1 and sentence2)")
     parser.add_argument("--text-columns", nargs="+", metavar="COLUMN",

@@ -4,7 +4,9 @@ Sources of weights, all read without a GPU:
 - a checkpoint tag folder (RUN_DIR/checkpoints/step_XXXXXXXX, with amos_meta.json), a checkpoints folder or a run
   directory (its newest complete checkpoint): ZeRO 1/2/3 files merged by DeepSpeed's zero_to_fp32;
 - a file holding a `torch.save`d AMOSModel state dict, with `--model-config` JSON (ModelConfig fields);
-- 'none': random init, the same architecture and initialisation pretraining starts from.
+- 'none': random init, the same architecture and initialisation pretraining starts from;
+- the authors' release folder (`pytorch_model.bin`, `config.json`, `sp.model`, `dict.txt`: amos_ds/export/
+  amos_release.py), read directly.
 """
 
 import json
@@ -17,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from amos_ds.config import ModelConfig, get_preset
-from amos_ds.data.tokenizer import Tokenizer
+from amos_ds.data.tokenizer import SentencepieceTokenizer, load_tokenizer
 from amos_ds.errors import ConfigError, DataError
+from amos_ds.export.amos_release import is_release_folder, read_release
 from amos_ds.model import AMOSModel, Encoder
 from amos_ds.train.checkpoint import META, RUN_TOKENIZER, verified_checkpoint
 
@@ -55,9 +58,11 @@ class Checkpoint:
     state: dict[str, torch.Tensor] | None = None  # the encoder's entries (see encoder_state), once loaded
 
 
-def locate_checkpoint(path: str | os.PathLike, model_config: str | None = None) -> Checkpoint:
+def locate_checkpoint(path: str | os.PathLike, model_config: str | None = None,
+                      flag: str = "--pretrained") -> Checkpoint:
     """The model config and metadata of a DeepSpeed checkpoint (its files verified against their recorded hashes) or
-    a state-dict file, without reading the weights: enough to check a tokenizer before the (slow, for ZeRO-3) merge."""
+    a state-dict file, without reading the weights: enough to check a tokenizer before the (slow, for ZeRO-3) merge.
+    `flag` names the option in the messages of the verification."""
     path = Path(path)
     if path.is_file():
         if not model_config:
@@ -65,14 +70,14 @@ def locate_checkpoint(path: str | os.PathLike, model_config: str | None = None) 
         return Checkpoint(_read_model_config(Path(model_config)), {}, path)
     if not path.is_dir():
         raise ConfigError(f"--pretrained {path}: no such file or folder; give a checkpoint, a run directory or 'none'")
-    tag = verified_checkpoint(path, "--pretrained")
+    tag = verified_checkpoint(path, flag)
     meta = json.loads((tag / META).read_text())
     return Checkpoint(_model_config(meta["model"], tag / META), meta, tag)
 
 
-def load_weights(checkpoint: Checkpoint, with_generator: bool = False) -> Checkpoint:
-    """`checkpoint` with the encoder's fp32 weights read (and the generator's, when asked): ZeRO 1/2/3 files merged
-    by DeepSpeed's zero_to_fp32."""
+def load_weights(checkpoint: Checkpoint, with_generator: bool = False, everything: bool = False) -> Checkpoint:
+    """`checkpoint` with the encoder's fp32 weights read (and the generator's, when asked; every AMOSModel weight
+    with `everything`, for continued pretraining): ZeRO 1/2/3 files merged by DeepSpeed's zero_to_fp32."""
     if checkpoint.meta:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -86,7 +91,7 @@ def load_weights(checkpoint: Checkpoint, with_generator: bool = False) -> Checkp
             raise ConfigError(f"--pretrained {checkpoint.path}: not a torch.save'd state dict "
                               f"({type(err).__name__}: {cause[0] if cause else 'no message'})") from err
     kept = KEPT_KEYS + GENERATOR_KEYS if with_generator else KEPT_KEYS
-    checkpoint.state = {name: tensor for name, tensor in state.items() if name.startswith(kept)}
+    checkpoint.state = {name: tensor for name, tensor in state.items() if everything or name.startswith(kept)}
     return checkpoint
 
 
@@ -110,11 +115,11 @@ def _model_config(values: dict, where: Path) -> ModelConfig:
         raise ConfigError(f"{where}: not a valid model config ({err})") from None
 
 
-def find_tokenizer(checkpoint: Checkpoint, tokenizer: str | None) -> Tokenizer:
+def find_tokenizer(checkpoint: Checkpoint, tokenizer: str | None) -> SentencepieceTokenizer:
     """--tokenizer, or the tokenizer the checkpoint was pretrained with; its hash and size must match the model's."""
     expected = checkpoint.meta.get("tokenizer_hash")
     if tokenizer:
-        found = Tokenizer(tokenizer)
+        found = load_tokenizer(tokenizer)
         if expected and found.hash != expected:
             raise ConfigError(f"--tokenizer {tokenizer}: hash {found.hash}, but {checkpoint.path} was pretrained with "
                               f"{expected}; give the tokenizer/ folder of the corpus it was pretrained on")
@@ -132,9 +137,9 @@ def find_tokenizer(checkpoint: Checkpoint, tokenizer: str | None) -> Tokenizer:
     return found
 
 
-def _try_tokenizer(directory: Path) -> Tokenizer | None:
+def _try_tokenizer(directory: Path) -> SentencepieceTokenizer | None:
     try:
-        return Tokenizer(directory)
+        return load_tokenizer(directory)
     except DataError:
         return None
 
@@ -144,7 +149,7 @@ class EncoderSource:
     """What every fine-tuning seed starts from: pretrained weights, or (state None) a fresh random init per seed."""
 
     config: ModelConfig
-    tokenizer: Tokenizer
+    tokenizer: SentencepieceTokenizer
     state: dict[str, torch.Tensor] | None
     description: str
 
@@ -159,11 +164,19 @@ class EncoderSource:
 
 def load_source(pretrained: str, tokenizer: str | None = None, model_config: str | None = None,
                 preset: str = "small") -> EncoderSource:
-    """Resolve `--pretrained` (a checkpoint, run directory, state-dict file, or 'none') and its tokenizer."""
+    """Resolve `--pretrained` (a checkpoint, run directory, state-dict file, release folder, or 'none') and its
+    tokenizer."""
+    if is_release_folder(pretrained):
+        config, state = read_release(pretrained)
+        found = load_tokenizer(tokenizer or pretrained)
+        if found.vocab_size != config.vocab_size:
+            raise ConfigError(f"--tokenizer {found.directory}: {found.vocab_size} ids, but {pretrained} has "
+                              f"vocab_size {config.vocab_size}; use the release's own sp.model and dict.txt")
+        return EncoderSource(config, found, state, f"the release {pretrained}")
     if pretrained == "none":
         if not tokenizer:
             raise ConfigError("--pretrained none: random init needs --tokenizer DIR (it sets the vocabulary)")
-        found = Tokenizer(tokenizer)
+        found = load_tokenizer(tokenizer)
         if model_config:
             base = _read_model_config(Path(model_config))
         else:

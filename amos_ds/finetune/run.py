@@ -110,10 +110,10 @@ def scores(predicted: list, gold: list, task: Task) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate(model: SentenceClassifier, encoded: list[tuple[list[int], int | float]], task: Task,
-             batch_size: int, device: str = "cpu") -> dict[str, float]:
+             batch_size: int, pad_id: int, device: str = "cpu") -> dict[str, float]:
     model.eval()
     predicted = []
-    for batch in batches(encoded, batch_size):
+    for batch in batches(encoded, batch_size, pad_id):
         logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         predicted += (logits.squeeze(-1) if task.regression else logits.argmax(-1)).tolist()
     return scores(predicted, [label for _, label in encoded], task)
@@ -172,7 +172,7 @@ def finetune_seed(source: EncoderSource, task: Task, encoded: dict[str, list], c
     for epoch in range(1, config.epochs + 1):
         started, loss_sum = time.perf_counter(), 0.0
         model.train()
-        for batch in batches(encoded["train"], batch_size, order):
+        for batch in batches(encoded["train"], batch_size, source.tokenizer.special.pad, order):
             batch = {name: tensor.to(config.device) for name, tensor in batch.items()}
             loss = task_loss(model(batch["input_ids"], batch["attention_mask"]), batch["labels"], task.regression)
             optimizer.zero_grad(set_to_none=True)
@@ -180,7 +180,8 @@ def finetune_seed(source: EncoderSource, task: Task, encoded: dict[str, list], c
             optimizer.step()
             schedule.step()
             loss_sum += loss.item()
-        dev, test = (evaluate(model, encoded[split], task, 2 * batch_size, config.device) for split in ("dev", "test"))
+        dev, test = (evaluate(model, encoded[split], task, 2 * batch_size, source.tokenizer.special.pad,
+                              config.device) for split in ("dev", "test"))
         epochs.append({"epoch": epoch, "train_loss": loss_sum / steps_per_epoch, "dev": dev, "test": test})
         log(f"lr {lr:g} batch {batch_size} seed {seed} epoch {epoch}/{config.epochs} | train loss "
             f"{epochs[-1]['train_loss']:.4f} | dev {metric} {dev[metric]:.4f} | {time.perf_counter() - started:.0f} s")

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 
-from amos_ds.data.tokenizer import Tokenizer
+from amos_ds.data.tokenizer import SentencepieceTokenizer
 from amos_ds.errors import DataError
-from amos_ds.vocab import CLS_ID, PAD_ID, SEP_ID
 
 SPLITS = ("train", "dev", "test")
 SINGLE, PAIR = ("sentence",), ("sentence1", "sentence2")
@@ -123,31 +122,34 @@ def truncate_pair(first: list[int], second: list[int], budget: int) -> tuple[lis
     return first, second
 
 
-def encode(examples: list[Example], tokenizer: Tokenizer, labels: list[str],
+def encode(examples: list[Example], tokenizer: SentencepieceTokenizer, labels: list[str],
            max_len: int) -> list[tuple[list[int], int | float]]:
-    """[CLS] text [SEP] or [CLS] text [SEP] pair [SEP], cut to max_len tokens; each label's index (classification)
-    or value (regression, when `labels` is empty)."""
+    """The tokenizer's layout of one text or a pair ([CLS] A [SEP] or [CLS] A [SEP] B [SEP] for amos-ds's, <s> A </s>
+    </s> B </s> for the release's), cut to max_len tokens; each label's index (classification) or value (regression,
+    when `labels` is empty)."""
+    special = tokenizer.special
     index = {label: i for i, label in enumerate(labels)}
     encoded = []
     for example in examples:
         target = index[example.label] if labels else float(example.label)
         ids = tokenizer.encode(example.text)
         if example.text_pair is None:
-            encoded.append(([CLS_ID, *ids[:max_len - 2], SEP_ID], target))
+            encoded.append((special.single(ids[:max_len - 2]), target))
         else:
-            first, second = truncate_pair(ids, tokenizer.encode(example.text_pair), max_len - 3)
-            encoded.append(([CLS_ID, *first, SEP_ID, *second, SEP_ID], target))
+            first, second = truncate_pair(ids, tokenizer.encode(example.text_pair), max_len - special.pair_overhead)
+            encoded.append((special.pair(first, second), target))
     return encoded
 
 
-def batches(encoded: list[tuple[list[int], int | float]], batch_size: int,
+def batches(encoded: list[tuple[list[int], int | float]], batch_size: int, pad_id: int,
             generator: torch.Generator | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    """Padded batches in order, or shuffled by `generator`; each padded only to its own longest input."""
+    """Padded batches in order, or shuffled by `generator`; each padded (with the tokenizer's `pad_id`) only to its
+    own longest input."""
     order = torch.randperm(len(encoded), generator=generator).tolist() if generator else list(range(len(encoded)))
     for start in range(0, len(order), batch_size):
         chunk = [encoded[i] for i in order[start:start + batch_size]]
         width = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.full((len(chunk), width), PAD_ID, dtype=torch.long)
+        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros(len(chunk), width, dtype=torch.long)
         for row, (ids, _) in enumerate(chunk):
             input_ids[row, :len(ids)] = torch.tensor(ids)

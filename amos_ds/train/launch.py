@@ -124,7 +124,12 @@ def make_plan(hostfile: str, hosts: list[Host], config: TrainConfig, throughput_
     total_steps = config.max_steps or scheduler_total_steps(ds_config)
     if not total_steps:
         raise ConfigError(f"--max-steps: not given, and {ds_path} has no scheduler total_num_steps to default to")
-    model_config = config.model_config(data_vocab_size(config))
+    if config.init_from:  # the checkpoint's model, as pretrain.py builds it
+        from amos_ds.train.init_from import init_model_config
+
+        model_config = init_model_config(config.init_from, config.model)
+    else:
+        model_config = config.model_config(data_vocab_size(config))
     with torch.device("meta"):
         parameters = sum(p.numel() for p in AMOSModel(model_config).parameters())
     dtype = "fp32" if config.fp32 else precision(ds_config)

@@ -14,7 +14,6 @@ import numpy as np
 from amos_ds.atomic import write_atomically
 from amos_ds.data import PackedDataset
 from amos_ds.train.metrics import read_metrics
-from amos_ds.vocab import NUM_SPECIAL_TOKENS
 
 LAST_STEPS = 10
 SUMMARY_FILE = "summary.json"  # the numbers of the two lines; `amos-ds plot` draws the entropy from it
@@ -27,7 +26,7 @@ def unigram_entropy(dataset: PackedDataset, max_samples: int = ENTROPY_SAMPLES) 
     counts = np.zeros(dataset.vocab_size, dtype=np.int64)
     for index in indices:
         counts += np.bincount(dataset[index], minlength=dataset.vocab_size)
-    counts[:NUM_SPECIAL_TOKENS] = 0
+    counts[~dataset.special.is_ordinary(np.arange(dataset.vocab_size))] = 0
     probabilities = counts[counts > 0] / counts.sum()
     return float(-(probabilities * np.log(probabilities)).sum())
 

@@ -53,6 +53,8 @@ class TrainConfig:
     keep_last: int = 3
     resume: str = "auto"  # auto: newest complete checkpoint in run_dir; none: start fresh; or a checkpoint path
     allow_config_change: bool = False  # resume although settings that alter the run differ (recorded in the run)
+    # A new run from another run's (or `amos-ds convert`'s) checkpoint: its model and weights (train/init_from.py).
+    init_from: str | None = None
     log_every: int = 1
     log_samples: bool = False  # record every step's sample indices in metrics.jsonl (for data-order checks)
     plot: bool = True  # draw the PNGs into run_dir/plots at the end
@@ -132,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-config-change", dest="allow_config_change", action="store_true", default=None,
                         help="resume although the learning rate, batch, masking, data... differ from the "
                              "checkpoint's; the change is recorded in metrics.jsonl and the checkpoints")
+    parser.add_argument("--init-from", dest="init_from", metavar="CHECKPOINT",
+                        help="start a new run from this checkpoint or run directory (e.g. `amos-ds convert`'s): its "
+                             "model and weights, the run's own data, optimizer and schedule")
     parser.add_argument("--seed", type=int, help="data order, masking, weights, dropout, noise (default 1234)")
     parser.add_argument("--compile", choices=COMPILE_CHOICES,
                         help="torch.compile the encoder layers: auto (on CUDA, ZeRO 0-2; the default), on, off")
