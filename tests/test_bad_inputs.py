@@ -422,7 +422,8 @@ def ds_flags(tmp: Path, cache: Path, **changes) -> list[str]:
 @case
 def ds_learning_rate_negative(tmp, cache):
     flags = ds_flags(tmp, cache, optimizer={"type": "AdamW", "params": {"lr": -1e-3}})
-    return "pretrain", flags, f"--deepspeed_config {tmp / 'ds.json'}: optimizer.params.lr must be a positive number"
+    return "pretrain", flags, \
+        f"--deepspeed_config {tmp / 'ds.json'}: optimizer.params.lr must be a number >= 0, got -0.001"
 
 
 @case

@@ -49,8 +49,8 @@ def _field_problem(config: dict[str, Any]) -> str | None:
     if bad:
         return f"{bad} must be a JSON object"
     lr = sections["optimizer"].get("params", {}).get("lr")
-    if "optimizer" in config and lr is not None and not (_is_number(lr) and lr > 0):
-        return f"optimizer.params.lr must be a positive number, got {lr!r}"
+    if lr is not None and not (_is_number(lr) and lr >= 0):  # 0 is allowed: a run that keeps its weights
+        return f"optimizer.params.lr must be a number >= 0, got {lr!r}"
     if sections["zero_optimization"].get("stage", 0) not in (0, 1, 2, 3):
         return f"zero_optimization.stage must be 0, 1, 2 or 3, got {sections['zero_optimization']['stage']!r}"
     if sections["bf16"].get("enabled") and sections["fp16"].get("enabled"):
