@@ -10,8 +10,8 @@ within the reference run's mean step time (saves included) after that step is re
     rank     SIGKILL to one rank; the deepspeed launcher then stops the others
     save     SIGKILL to the job while a checkpoint is being written (the step folder exists, amos_meta.json not yet)
     hang     SIGSTOP to one rank; the collective timeout ends the job (TrainConfig.collective_timeout_s)
-    corrupt  the job is killed after its first checkpoint, then one byte of the newest checkpoint's largest file
-             is flipped (the resume must warn and take the one before)
+    corrupt  the job is killed once it has two checkpoints, then one byte of the newest complete checkpoint's
+             largest file is flipped (the resume must warn and take the one before)
 
 After the fault the same command runs again at once on the same MASTER_PORT (what a preemption script does) with
 `--resume auto`, until the run is complete. Each trial reports the step reached, the checkpoint resumed from, the
@@ -124,9 +124,9 @@ def inject(kind: str, job: Job, run_dir: Path, at_step: int, delay_s: float,
            rng: random.Random) -> tuple[float | None, str]:
     """Wait until step `at_step` is recorded, then `delay_s` more (or for a save, for `save`), inject the fault;
     return (time, detail)."""
-    while (trained_steps(run_dir) < at_step or (kind == "corrupt" and not complete_steps(run_dir))) and \
+    while (trained_steps(run_dir) < at_step or (kind == "corrupt" and len(complete_steps(run_dir)) < 2)) and \
             job.process.poll() is None:
-        time.sleep(0.01)  # corrupt: also something to corrupt
+        time.sleep(0.01)  # corrupt: also a checkpoint to damage and an older one to fall back to
     started = time.monotonic()
     if kind == "save":
         target = max(complete_steps(run_dir), default=0) + 1
@@ -243,7 +243,7 @@ def main() -> int:
         equal = complete and weights.keys() == expected.keys() and all(
             torch.equal(weights[name], expected[name]) for name in expected)
         warned = "falling back to the previous complete checkpoint" in outputs
-        recovered = runs > 1 and resumed_from is not None and resumed_from < args.steps and (
+        recovered = complete and runs > 1 and resumed_from is not None and resumed_from < args.steps and (
             kind != "corrupt" or (warned and corrupted_step is not None and resumed_from < corrupted_step))
         record = {"trial": trial, "kind": kind, "fault": detail, "redraws": redraws, "counted": True,
                   "exit_s": exit_s, "step_at_fault": at_fault, "resumed_from": resumed_from,
