@@ -21,15 +21,15 @@ from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
-import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from torch.distributed import distributed_c10d
 
 from amos_ds.data import DataConfig, PackedDataset, ResumableSampler, build_loader, open_corpora
 from amos_ds.data.builtin import prepare_builtin_corpus
-from amos_ds.data.tokenizer import copy_tokenizer
+from amos_ds.data.tokenizer import copy_tokenizer, load_tokenizer
 from amos_ds.errors import ConfigError, NonFiniteLoss, exit_code_of
+from amos_ds.finetune.probe import frozen_discriminator, load_probe_task, score_discriminator
 from amos_ds.model import AMOSModel
 from amos_ds.train.checkpoint import (
     RUN_TOKENIZER,
@@ -53,10 +53,13 @@ from amos_ds.train.ds_config import (
     scheduler_total_steps,
     zero_stage,
 )
+from amos_ds.train.evaluate import evaluate, held_out_split
 from amos_ds.train.extension_lock import clear_stale_extension_locks
 from amos_ds.train.flops import device_peak_tflops, step_flops
+from amos_ds.train.health import collapse_warning
 from amos_ds.train.init_from import init_record, load_init, locate_init
 from amos_ds.train.metrics import MetricsLog, average_over_ranks, memory_gib
+from amos_ds.train.model_inputs import model_inputs
 from amos_ds.train.nonfinite import NonFiniteGuard
 from amos_ds.train.param_groups import parameter_groups
 from amos_ds.train.run_lock import lock_run_dir
@@ -110,17 +113,6 @@ def gumbel_seed(run_seed: int, step: int, micro_step: int, rank: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def model_inputs(batch: dict, device: torch.device) -> dict[str, torch.Tensor | None]:
-    """The model's tensor inputs from one loader batch. Copies from pinned memory do not wait (non_blocking), and
-    the batch's host-side facts (masked positions, whether it has padding) spare the model any wait for the device."""
-    def to_device(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(device, non_blocking=True)
-
-    return {"input_ids": to_device(batch["input_ids"]), "labels": to_device(batch["labels"]),
-            "attention_mask": to_device(batch["attention_mask"]) if batch["has_padding"] else None,
-            "masked_positions": to_device(batch["masked_positions"])}
-
-
 def should_compile(choice: str, device_type: str, stage: int) -> bool:
     """TrainConfig.compile: "auto" compiles on CUDA below ZeRO-3 (whose parameter hooks run around every module)."""
     return choice == "on" or (choice == "auto" and device_type == "cuda" and stage < 3)
@@ -149,6 +141,9 @@ def train_locked(config: TrainConfig, rank: int, world_size: int) -> int:
 
     # Data and model; the vocabulary size comes from the data's tokenizer.
     dataset = open_data(config)
+    training, held_out = held_out_split(dataset, config.eval_data, config.eval_batches, global_batch, config.seed)
+    probe_task = load_probe_task(config.probe_task, load_tokenizer(dataset.tokenizer_dir), config.seq_len,
+                                 config.probe_train_examples) if config.probe_task and held_out else None
     init = locate_init(config.init_from, dataset.tokenizer_hash, config.model, config.seq_len) \
         if config.init_from else None
     model_config = init.config if init else config.model_config(dataset.vocab_size)
@@ -191,14 +186,14 @@ def train_locked(config: TrainConfig, rank: int, world_size: int) -> int:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, weight_decay),
                                            config=ds_config)
     seed_rng(config.seed + rank)  # dropout differs between ranks
-    sampler = ResumableSampler(len(dataset), micro_batch, rank, world_size, config.seed)
+    sampler = ResumableSampler(len(training), micro_batch, rank, world_size, config.seed)
     client_state = load_checkpoint(engine, resume, universal) if resume else None
     if client_state:
         sampler.load_state_dict(client_state["sampler"])
     data_config = DataConfig(seq_len=config.seq_len, mask_prob=config.mask_prob, mask_split=config.mask_split,
                              seed=config.seed, num_workers=config.num_workers,
                              pin_memory=engine.device.type == "cuda")
-    batches = iter(build_loader(dataset, sampler, data_config))
+    batches = iter(build_loader(training, sampler, data_config))
     if client_state:  # after iter(): starting a DataLoader iterator draws from torch's RNG
         restore_rng(client_state, config.seed, engine.global_steps)
         if rank == 0:
@@ -222,7 +217,8 @@ def train_locked(config: TrainConfig, rank: int, world_size: int) -> int:
         print(f"training {config.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) "
               f"to step {max_steps} on {world_size} rank(s): batch {global_batch} = micro-batch {micro_batch} x "
               f"accumulation {grad_accum} x {world_size}, seq_len {config.seq_len}, {precision(ds_config)}, "
-              f"ZeRO-{zero_stage(ds_file)}, {len(dataset)} samples, "
+              f"ZeRO-{zero_stage(ds_file)}, {len(training)} training samples, "
+              f"{len(held_out) if held_out else 'no'} held-out samples, "
               f"{'compiled' if compiled else 'eager'} layers", flush=True)
 
     step = saved = engine.global_steps
@@ -259,8 +255,23 @@ def train_locked(config: TrainConfig, rank: int, world_size: int) -> int:
         if config.log_samples:
             gathered = [None] * world_size
             dist.all_gather_object(gathered, samples)
-            record["samples"] = [index for rank_samples in gathered for index in rank_samples]
-        if step % config.log_every == 0 or step == max_steps:
+            record["samples"] = [training.dataset_index(i) for rank_samples in gathered for i in rank_samples]
+        evaluating = held_out is not None and (step % config.eval_every == 0 or step == max_steps)
+        if evaluating:
+            record.update(evaluate(engine, engine.device, held_out, micro_batch, data_config, model_config.head_layers,
+                                   progress=step / max_steps))
+            if probe_task:
+                probe_started = time.perf_counter()
+                encoder = frozen_discriminator(engine.module, model_config, zero_stage(ds_file) == 3)
+                if rank == 0:
+                    record.update(score_discriminator(encoder, probe_task),
+                                  probe_time_s=time.perf_counter() - probe_started)
+            warning = collapse_warning(record) if rank == 0 else None
+            if warning:
+                print(warning, flush=True)
+            if config.log_samples:
+                record["eval_samples"] = held_out.held_out.tolist()
+        if step % config.log_every == 0 or step == max_steps or evaluating:
             log.log(record, max_steps)
         if step % config.save_every == 0 or step == max_steps:
             save_checkpoint(engine, run_dir, step, info, sampler.state_dict(), config.keep_last)
@@ -273,7 +284,7 @@ def train_locked(config: TrainConfig, rank: int, world_size: int) -> int:
             print(f"stop signal received: saved {path}, exiting", flush=True)
     log.close()
     if rank == 0:
-        write_summary(run_dir, dataset)
+        write_summary(run_dir, training)
     if rank == 0 and config.plot:
         from amos_ds.train.plot import plot_run
 

@@ -146,24 +146,30 @@ class ElectraPeer:
         self.optimizer = torch.optim.AdamW(self.params, **ADAMW, fused=device.type == "cuda")
         self.device, self.bf16 = device, args.precision == "bf16"
 
+    def forward(self, batch: dict) -> tuple:
+        """(generator output, discriminator output, replaced [B, T]) of one batch: replaced tokens sampled from the
+        generator's distribution (Gumbel-max), the discriminator judging the corrupted sequence."""
+        input_ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
+        attention_mask = batch["attention_mask"].to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            generated = self.generator(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+            masked = labels != IGNORE_INDEX
+            with torch.no_grad():
+                logits = generated.logits[masked].float()
+                noise = -torch.log(-torch.log(torch.rand_like(logits).clamp_min(1e-20)))
+                sampled = (logits + noise).argmax(dim=-1)
+            original = torch.where(masked, labels, input_ids)
+            corrupted = original.clone()
+            corrupted[masked] = sampled
+            replaced = corrupted != original
+            judged = self.discriminator(input_ids=corrupted, attention_mask=attention_mask, labels=replaced.long())
+        return generated, judged, replaced
+
     def step(self, batches: list[dict], seed: int) -> dict[str, float]:
         total = 0.0
         for batch in batches:
-            input_ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
-            attention_mask = batch["attention_mask"].to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                generated = self.generator(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-                masked = labels != IGNORE_INDEX
-                with torch.no_grad():
-                    logits = generated.logits[masked].float()
-                    noise = -torch.log(-torch.log(torch.rand_like(logits).clamp_min(1e-20)))
-                    sampled = (logits + noise).argmax(dim=-1)
-                original = torch.where(masked, labels, input_ids)
-                corrupted = original.clone()
-                corrupted[masked] = sampled
-                judged = self.discriminator(input_ids=corrupted, attention_mask=attention_mask,
-                                            labels=(corrupted != original).long())
-                loss = generated.loss + RTD_WEIGHT * judged.loss
+            generated, judged, _ = self.forward(batch)
+            loss = generated.loss + RTD_WEIGHT * judged.loss
             (loss / len(batches)).backward()
             total += loss.detach()
         torch.nn.utils.clip_grad_norm_(self.params, 2.0)

@@ -23,8 +23,10 @@
 #   5. the model-step tests on CUDA (FlexAttention's gradient, compiled layers): tests/test_model_step.py
 #   6. base, bf16, ZeRO-1, 32 x 512, accumulation 8, sdpa and flex attention, against Hugging Face ELECTRA, with the
 #      profile breakdown (bench/bench_train.py); 7. base_plus_plus the same, sdpa, without the peer
+#   8. what held-out evaluation and the probe cost: bench/bench_eval_cost.py --budget gpu (`small`, bf16, the same
+#      short run with and without them; whatever time the steps before left, up to 90 s)
 # Section "quality":
-#   8. bench/quality.py --budget gpu (AMOS, ELECTRA-style, random init on MR; up to 5 minutes).
+#   9. bench/quality.py --budget gpu (AMOS, ELECTRA-style, random init on MR; up to 5 minutes).
 #      It reads $AMOS_SHARED_DATA, else ../shared/data, else .data (bring it with `cp -r ../shared/data .data`).
 # and prints one table. Logs go to $OUT (or /tmp/amos_gpu_check).
 set -uo pipefail
@@ -113,6 +115,8 @@ if [[ " $SECTIONS " == *" train "* ]]; then
   run_step "train base_plus_plus" 120 "$LOG_DIR/train_base_plus_plus.log" \
     python3 bench/bench_train.py --preset base_plus_plus --attention sdpa --deepspeed-config base_plus_plus.json \
     --no-peer --profile
+  run_step "evaluation cost (bench_eval_cost.py)" 90 "$LOG_DIR/eval_cost.log" \
+    python3 bench/bench_eval_cost.py --budget gpu --work "$LOG_DIR/eval_cost"
 fi
 
 if [[ " $SECTIONS " == *" quality "* ]]; then
@@ -133,7 +137,7 @@ fi
   echo "| --- | --- | ---: | --- |"
   printf '%s\n' "${ROWS[@]}"
   echo
-  for log in tiles bench attention train_base train_base_plus_plus; do
+  for log in tiles bench attention train_base train_base_plus_plus eval_cost; do
     if [[ -f "$LOG_DIR/$log.log" ]]; then
       echo "### $log.log"
       grep -E '^(device:|\||Where)' "$LOG_DIR/$log.log"

@@ -1,5 +1,6 @@
-"""Does AMOS pretraining give a better encoder? AMOS, the ELECTRA-style single-generator ablation and random
-initialisation, fine-tuned on MR with the same seeds, after pretraining on the same data for the same token budget.
+"""Does AMOS pretraining give a better encoder? AMOS, the ELECTRA-style single-generator ablation, an independent
+Hugging Face ELECTRA and random initialisation, after pretraining on the same data for the same token budget: held-out
+RTD AUC, a linear probe on frozen features, and accuracy fine-tuned on MR with the same seeds.
 
     python bench/quality.py --budget cpu [--work DIR]     # this 2-core CPU: at most 45 minutes in all
     python bench/quality.py --budget gpu [--work DIR]     # one H100/H200 (bench/gpu_check.sh runs it): ~4 minutes
@@ -7,10 +8,16 @@ initialisation, fine-tuned on MR with the same seeds, after pretraining on the s
 Both pretraining runs use the real trainer (amos_ds/pretrain.py, one process) on a tokenizer and corpus built from
 DATA/pretrain, with the same steps, batch and sequence length; the ELECTRA-style arm is `single_gen_<d>` (one
 generator of the middle head's depth, no mixture, as the paper's single-generator baselines). On the CPU the two
-runs go side by side, one core each (`--threads` per run); on the GPU one after the other. Every flag below
-overrides the budget's value. Prints one table: MR test accuracy at each seed's best dev epoch, median and spread
-(min-max) over seeds, and each arm against random init; writes results.json and copies each run's plots (Figure 3a:
-mixture_weights.png, Figure 3b: disc_accuracy.png) into WORK/plots/ARM/.
+runs go side by side, one core each (`--threads` per run); on the GPU one after the other. The independent peer is
+bench/bench_train.py's Hugging Face ELECTRA (ElectraForMaskedLM + ElectraForPreTraining, shared embeddings, RTD
+weight 50), trained in this process afterwards on the batches the trainer's loader gives the AMOS arms (the same
+held-out split, sample order and masking) for the same steps, with AdamW at the same peak learning rate, warm-up and
+linear decay; it is not fine-tuned (amos-ds fine-tunes its own encoder), so its row has AUC and probe only. Every
+flag below overrides the budget's value; `--pretrain-steps 20 --epochs 1 --seeds 1` is a smoke test. Prints one
+table: held-out RTD AUC at the last step (0.5 = chance), the probe's MR dev accuracy (mean-pooled frozen last layer,
+amos_ds/finetune/probe.py; majority class beside it), MR test accuracy at each seed's best dev epoch, median and
+spread (min-max) over seeds, and each arm against random init; writes results.json and copies each run's plots
+(Figure 3a: mixture_weights.png, Figure 3b: disc_accuracy.png, held_out.png) into WORK/plots/ARM/.
 """
 
 import argparse
@@ -123,6 +130,57 @@ def pretrain(args: argparse.Namespace, corpus: Path, run_dir: Path, ablation: st
                            f"{''.join(tail)}")
 
 
+def train_hf_electra(args: argparse.Namespace, corpus: Path, probe_task) -> dict:
+    """Hugging Face ELECTRA on the AMOS arms' batches: its held-out RTD AUC and probe accuracy after the steps."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_train import RTD_WEIGHT, ElectraPeer
+
+    from amos_ds.config import get_preset
+    from amos_ds.data import DataConfig, ResumableSampler, build_loader, open_corpora
+    from amos_ds.data.held_out import held_out_batches
+    from amos_ds.finetune.probe import probe_layers
+    from amos_ds.finetune.run import warmup_linear_decay
+    from amos_ds.train.evaluate import held_out_split, roc_auc
+    from amos_ds.train.train_config import TrainConfig
+
+    started = time.perf_counter()
+    seed = TrainConfig.seed  # the trainer's default: its sample order and masking
+    dataset = open_corpora([str(corpus)], args.seq_len, seed)
+    training, held_out = held_out_split(dataset, [], TrainConfig.eval_batches, args.batch_size, seed)
+    data_config = DataConfig(seq_len=args.seq_len, seed=seed, num_workers=0)
+    batches = iter(build_loader(training, ResumableSampler(len(training), args.batch_size, 0, 1, seed), data_config))
+    device = torch.device(args.device)
+    peer = ElectraPeer(get_preset(args.preset).replace(vocab_size=dataset.vocab_size),
+                       argparse.Namespace(precision="fp32" if args.fp32 else "bf16"), device)
+    for group in peer.optimizer.param_groups:
+        group["lr"] = args.pretrain_lr
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        peer.optimizer, warmup_linear_decay(max(1, args.pretrain_steps // 12), args.pretrain_steps))
+    for step in range(1, args.pretrain_steps + 1):
+        loss = peer.step([next(batches)], seed=step)["loss"]
+        schedule.step()
+        if step % PRINT_EVERY == 0 or step == args.pretrain_steps:
+            print(f"  HF ELECTRA: step {step}/{args.pretrain_steps} | loss {loss:.4f} (RTD weight {RTD_WEIGHT:g})",
+                  flush=True)
+    peer.generator.eval()
+    peer.discriminator.eval()
+    scores, labels = [], []
+    torch.manual_seed(seed)  # the Gumbel noise of its held-out sampling
+    with torch.no_grad():
+        for _, batch in held_out_batches(held_out, args.batch_size, 0, 1, data_config):
+            _, judged, replaced = peer.forward(batch)
+            real = batch["attention_mask"].to(device).bool()
+            scores.append(judged.logits.float()[real].cpu())
+            labels.append(replaced[real].cpu())
+        discriminator = peer.discriminator.electra
+        probe, = probe_layers(lambda ids, mask: [discriminator(ids, attention_mask=mask).last_hidden_state.float()],
+                              probe_task, device)
+    return {"auc": roc_auc(torch.cat(scores).numpy(), torch.cat(labels).numpy()), "probe": probe,
+            "minutes": (time.perf_counter() - started) / 60}
+
+
 def spread(values: list[float]) -> str:
     return f"{min(values):.4f}-{max(values):.4f}"
 
@@ -136,6 +194,7 @@ def main() -> None:
 
     from amos_ds.config import get_preset
     from amos_ds.finetune.pretrained import load_source
+    from amos_ds.finetune.probe import load_probe_task, score_discriminator
     from amos_ds.finetune.run import FinetuneConfig, finetune
     from amos_ds.finetune.tasks import load_task
     from amos_ds.train.summary import read_summary
@@ -176,6 +235,10 @@ def main() -> None:
     pretrained = {arm: pretrained[arm] for arm in ("AMOS", f"ELECTRA-style ({single})")}  # the table's order
 
     task = load_task(data / "eval" / "mr")
+    probe_task = load_probe_task(data / "eval" / "mr", pretrained["AMOS"][0].tokenizer, args.max_len)
+    print(f"pretraining HF ELECTRA: {args.preset} shapes, {args.pretrain_steps} steps x {args.batch_size} x "
+          f"{args.seq_len}", flush=True)
+    hf_electra = train_hf_electra(args, corpus, probe_task)
     config = FinetuneConfig(epochs=args.epochs, lr=[args.lr], batch_size=[32], warmup=0.1, max_len=args.max_len,
                             seeds=args.seeds, device=args.device)
     amos_source = pretrained["AMOS"][0]
@@ -185,6 +248,10 @@ def main() -> None:
     for arm, source in arms.items():
         print(f"fine-tuning {arm}", flush=True)
         results[arm] = finetune(source, task, config, log=lambda line: print("  " + line, flush=True))
+        results[arm]["probe"] = score_discriminator(source.build(0.0).eval(), probe_task)["probe_accuracy"]
+        summary = pretrained[arm][3] if arm in pretrained else None
+        results[arm]["held_out_auc"] = summary["held_out"]["eval_rtd_auc"] if summary else None
+    results["HF ELECTRA"] = {"held_out_auc": hf_electra["auc"], "probe": hf_electra["probe"]}
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
     model = amos_source.config
@@ -201,16 +268,24 @@ def main() -> None:
               f"loss {summary['mlm_loss']:.3f} (unigram entropy {summary['unigram_entropy']:.3f}), discriminator "
               f"RTD loss {summary['rtd_loss']:.3f} (best constant guess {summary['rtd_loss_constant']:.3f}), "
               f"accuracy on replaced tokens {summary['disc_acc_replaced']:.3f}")
+    print(f"  HF ELECTRA: {args.pretrain_steps} steps in {hf_electra['minutes']:.1f} min (this process)")
     print(f"fine-tuning: {config.epochs} epochs, lr {args.lr:g}, batch {config.batch_size[0]}, warm-up "
-          f"{config.warmup:g}, dropout {config.dropout:g}, max_len {config.max_len}, seeds {config.seeds}\n")
-    print("| encoder | test acc (median) | spread (min-max) | dev acc (median) | test acc per seed | vs random init |")
-    print("| --- | --- | --- | --- | --- | --- |")
+          f"{config.warmup:g}, dropout {config.dropout:g}, max_len {config.max_len}, seeds {config.seeds}; probe: "
+          f"{len(probe_task.train)}/{len(probe_task.dev)} train/dev, majority class {probe_task.majority:.4f}\n")
+    print("| encoder | held-out RTD AUC | probe dev acc | test acc (median) | spread (min-max) | dev acc (median) | "
+          "test acc per seed | vs random init |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     base = results["random init"]["median"]["test"]["accuracy"]
     for arm, result in results.items():
+        auc = "-" if result["held_out_auc"] is None else f"{result['held_out_auc']:.4f}"
+        if "runs" not in result:  # the HF peer: pretrained only
+            print(f"| {arm} | {auc} | {result['probe']:.4f} | - | - | - | - | - |")
+            continue
         tests = [run["test"]["accuracy"] for run in result["runs"]]
         median = statistics.median(tests)
-        print(f"| {arm} | {median:.4f} | {spread(tests)} | {result['median']['dev']['accuracy']:.4f} | "
-              f"{' '.join(f'{t:.4f}' for t in tests)} | {100 * (median - base):+.2f} pts |")
+        print(f"| {arm} | {auc} | {result['probe']:.4f} | {median:.4f} | {spread(tests)} | "
+              f"{result['median']['dev']['accuracy']:.4f} | {' '.join(f'{t:.4f}' for t in tests)} | "
+              f"{100 * (median - base):+.2f} pts |")
     print(f"\nresults: {work / 'results.json'}; plots (Figure 3a mixture_weights.png, 3b disc_accuracy.png): "
           f"{work / 'plots'}")
 

@@ -172,6 +172,29 @@ def nonfinite_limit_zero(tmp, cache):
     return "pretrain", train_flags(tmp, cache, max_nonfinite_steps=0), "max_nonfinite_steps must be at least 1"
 
 
+@case
+def eval_every_zero(tmp, cache):
+    return "pretrain", [*train_flags(tmp, cache), "--eval-every", "0"], "eval_every must be at least 1"
+
+
+@case
+def eval_data_too_small(tmp, cache):
+    data = shard_folder(tmp, cache)
+    return "pretrain", [*train_flags(tmp, cache), "--eval-data", str(data), "--eval-batches", "100000"], \
+        f"--eval-data {data}: "
+
+
+@case
+def probe_task_missing(tmp, cache):
+    return "pretrain", [*train_flags(tmp, cache), "--probe-task", str(tmp / "absent")], \
+        f"--probe-task {tmp / 'absent'}: not a folder"
+
+
+
+@case
+def probe_checkpoint_missing(tmp, cache):
+    return "cli", ["probe", str(tmp / "absent"), "--task", str(tmp)], f"--pretrained {tmp / 'absent'}: no such file"
+
 # Data.
 @case
 def data_folder_missing(tmp, cache):

@@ -322,6 +322,10 @@ DRIFT = [
                                                             "total_num_steps": 100}}},
      "deepspeed.scheduler.params.warmup_num_steps: 10 -> 20"),
     ({}, {"bf16": {"enabled": False}, "fp16": {"enabled": True}}, "deepspeed.precision: 'bf16' -> 'fp16'"),
+    ({}, {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.98], "weight_decay": 0.01,
+                                                    "eps": 1e-6}}}, "deepspeed.optimizer.params.eps: None -> 1e-06"),
+    ({"eval_batches": 4}, {}, "train.eval_batches: 8 -> 4"),
+    ({"eval_data": ["held_out"]}, {}, "train.eval_data: [] -> ['held_out']"),
 ]
 
 
@@ -366,5 +370,8 @@ def test_resume_accepts_what_does_not_alter_the_run_and_lists_every_change(tmp_p
         checkpoint.check_settings(point, two, allow_change=False)
     assert checkpoint.check_settings(point, two, allow_change=True) == {"train.seed": [1234, 1],
                                                                           "train.seq_len": [128, 64]}
+    del point.meta["train"]["eval_batches"]  # a checkpoint from before that field existed
+    assert checkpoint.check_settings(point, checkpoint.run_settings(TrainConfig(data=["corpus_a"], eval_batches=2)
+                                                                     .to_dict(), DS_CONFIG), False) == {}
     point.meta.pop("train")  # a checkpoint from before settings were recorded
     assert checkpoint.check_settings(point, two, allow_change=False) == {}

@@ -1,4 +1,4 @@
-"""`amos-ds plot RUN_DIR` draws the four figures from metrics.jsonl."""
+"""`amos-ds plot RUN_DIR` draws the figures from metrics.jsonl, held-out curves beside the training ones."""
 
 import json
 
@@ -66,3 +66,26 @@ def test_plot_skips_a_torn_last_line(tmp_path, capsys):
     assert main(["plot", str(tmp_path)]) == 0
     assert "dropped its last line, a record cut short" in capsys.readouterr().err
     assert (tmp_path / "plots" / "losses.png").is_file()
+
+
+def test_plot_draws_the_held_out_curves_beside_the_training_ones(tmp_path, capsys, drawn):
+    records = [{"step": step, "loss": 30.0, "mlm_loss": 20.0, "rtd_loss": 0.4, "rtd_loss_constant": 0.42,
+                "mlm_loss_L2": 7.0, "mix_weight_L2": 1.0, "disc_acc_replaced": 0.1, "disc_acc_original": 0.9,
+                "tokens_per_s": 1e4, "mfu": None} for step in range(1, 5)]
+    for step, auc in ((2, 0.55), (4, 0.6)):
+        records[step - 1].update(eval_mlm_loss_L2=6.9 + step, eval_rtd_loss=0.41, eval_rtd_loss_constant=0.42,
+                                 eval_rtd_auc=auc, eval_disc_acc_replaced=0.02, eval_disc_acc_original=0.99,
+                                 health_mean_cosine=0.5, health_effective_rank=20.0)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["plot", str(tmp_path)]) == 0
+    assert "held_out.png" in capsys.readouterr().out
+    mlm, rtd = drawn["losses.png"]
+    assert mlm["lines"]["held-out, layer 2"] == ([2, 4], [8.9, 10.9])
+    assert rtd["lines"]["held-out"] == ([2, 4], [0.41, 0.41])
+    (accuracy,) = drawn["disc_accuracy.png"]
+    assert accuracy["lines"]["held-out, replaced"] == ([2, 4], [0.02, 0.02])
+    auc, probe, health, rank = drawn["held_out.png"]
+    assert auc["lines"]["_child0"] == ([2, 4], [0.55, 0.6])
+    assert health["lines"]["mean cosine between tokens"] == ([2, 4], [0.5, 0.5])
+    assert rank["lines"]["effective rank"] == ([2, 4], [20.0, 20.0])
+    assert not probe["lines"]["linear probe, dev"][0]  # no --probe-task: nothing drawn

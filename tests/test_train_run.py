@@ -30,6 +30,7 @@ from conftest import (
 )
 
 from amos_ds.data import ResumableSampler, open_corpora
+from amos_ds.data.held_out import split_held_out
 
 pytestmark = pytest.mark.slow  # every test here starts training processes or daemons
 
@@ -89,10 +90,16 @@ def test_resume_at_another_world_size_neither_repeats_nor_skips(tmp_path, corpus
     assert [(r["step"], r["world_size"]) for r in records] == [
         (step, ranks_before if step <= 3 else ranks_after) for step in range(1, 7)]
     dataset = open_corpora([glob.glob(f"{corpus}/builtin-*")[0]], SEQ_LEN, seed=1234)
-    order = ResumableSampler(len(dataset), MICRO_BATCH, rank=0, world_size=1, seed=1234)
+    training, held_out = split_held_out(dataset, 8 * GLOBAL_BATCH)  # the default --eval-batches 8
+    order = ResumableSampler(len(training), MICRO_BATCH, rank=0, world_size=1, seed=1234)
     for record in records:
         expected = order.global_indices((record["step"] - 1) * GLOBAL_BATCH, GLOBAL_BATCH).tolist()
-        assert sorted(record["samples"]) == sorted(expected), record["step"]
+        assert sorted(record["samples"]) == sorted(training.dataset_index(i) for i in expected), record["step"]
+    # Each run evaluated at its end on the same held-out slice, which training never read.
+    evaluated = [record for record in records if "eval_samples" in record]
+    assert [record["step"] for record in evaluated] == [3, 6]
+    assert evaluated[0]["eval_samples"] == evaluated[1]["eval_samples"] == held_out.held_out.tolist()
+    assert not set(evaluated[0]["eval_samples"]) & {i for record in records for i in record["samples"]}
     assert complete_steps(tmp_path / "run") == [3, 6]
 
 

@@ -66,3 +66,26 @@ def test_write_summary_keeps_the_numbers_for_the_plot(corpus, tmp_path, capsys):
     assert read_summary(tmp_path)["unigram_entropy"] == unigram_entropy(dataset)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert plot_run(tmp_path)  # draws with the entropy line
+
+
+def test_summary_reports_the_last_held_out_evaluation():
+    records = [{"step": s, "mlm_loss_L3": 5.0, "disc_acc_replaced": 0.0, "disc_acc_original": 1.0, "rtd_loss": 0.4,
+                "rtd_loss_constant": 0.42} for s in range(1, 5)]
+    records[1].update(eval_mlm_loss=20.0, eval_mlm_loss_L3=9.0, eval_mlm_acc_L3=0.0)  # an earlier evaluation
+    records[3].update(eval_mlm_loss=18.0, eval_mlm_loss_L1=6.5, eval_mlm_acc_L1=0.1, eval_mlm_loss_L3=6.25,
+                      eval_mlm_acc_L3=0.125, eval_rtd_loss=0.395, eval_rtd_loss_constant=0.41, eval_rtd_auc=0.6125,
+                      eval_disc_acc_replaced=0.007, eval_disc_acc_original=0.999, probe_task="mr",
+                      probe_accuracy=0.55, probe_majority=0.5, health_mean_cosine=0.95, health_effective_rank=1.5,
+                      health_unit_std=0.01)
+    summary = learning_summary(records, entropy=6.5)
+    assert summary["held_out"]["step"] == 4 and summary["held_out"]["eval_rtd_auc"] == 0.6125
+    assert summary_lines(summary) == [
+        "summary (held-out, step 4): deepest generator head (layer 3) MLM loss 6.250 nats (accuracy 0.125), 0.250 "
+        "below the unigram entropy of the training tokens (6.500)",
+        "summary (held-out, step 4): discriminator RTD AUC 0.613 (0.5 = chance); RTD loss 0.395, 0.015 below the "
+        "best constant guess (0.410); accuracy on replaced tokens 0.007, on original tokens 0.999",
+        "summary (held-out, step 4): linear probe on frozen discriminator features, mr dev accuracy 0.550 against "
+        "0.500 for the majority class",
+        "summary (held-out, step 4): discriminator token states COLLAPSED: mean cosine 0.950 (collapsed from 0.97), "
+        "effective rank 1.5 (collapsed below 2), per-unit std 0.010"]
+    assert learning_summary(records[:1], entropy=6.5)["held_out"] is None  # never evaluated: the training lines

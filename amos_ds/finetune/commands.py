@@ -1,6 +1,7 @@
 """`amos-ds finetune`: fine-tune a pretrained (or randomly initialised) AMOS encoder on a GLUE-format task:
 sentences or sentence pairs, classification or regression. Learning rates and batch sizes are searched on dev as in
-the paper (Table 6): every setting with every seed; the best median dev score picks the setting reported."""
+the paper (Table 6): every setting with every seed; the best median dev score picks the setting reported.
+`amos-ds probe`: a linear probe on the frozen features of every generator and discriminator layer."""
 
 import argparse
 import sys
@@ -65,6 +66,36 @@ def finetune_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def probe_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from amos_ds.finetune.pretrained import load_source
+    from amos_ds.finetune.probe import all_layer_states, load_probe_task, probe_layers
+    from amos_ds.model import AMOSModel, Encoder
+
+    source = load_source(args.pretrained, args.tokenizer, args.model_config, args.preset, with_generator=True)
+    task = load_probe_task(args.task, source.tokenizer, min(args.max_len, source.config.max_positions),
+                           args.max_train_examples, flag="--task")
+    torch.manual_seed(args.seed)  # the random init of --pretrained none
+    state = source.state if source.state is not None else AMOSModel(source.config).state_dict()
+    print(f"linear probes of {source.description} on {task.name} ({len(task.train)}/{len(task.dev)} train/dev "
+          f"examples, mean-pooled frozen states of each layer)\n")
+    print("| network | layer | dev accuracy | majority class |")
+    print("| --- | --- | --- | --- |")
+    for network, prefix in (("generator", "generators.0."), ("discriminator", "discriminator.")):
+        weights = {name.removeprefix(prefix): tensor for name, tensor in state.items() if name.startswith(prefix)}
+        if not weights:  # a state-dict file without the generator
+            continue
+        depth = 1 + max(int(name.split(".")[1]) for name in weights if name.startswith("layers."))
+        encoder = Encoder(source.config, depth, 0.0, 0.0)
+        encoder.load_state_dict(weights)
+        accuracies = probe_layers(all_layer_states(encoder.eval(), state["token_embedding"]), task,
+                                  torch.device("cpu"))
+        for layer, accuracy in enumerate(accuracies, start=1):
+            print(f"| {network} | {layer} | {accuracy:.4f} | {task.majority:.4f} |")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("finetune", help="fine-tune the discriminator on a GLUE-format task",
                                    description=__doc__.replace("\n", " "),
@@ -102,3 +133,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="each setting is trained with each (default: five, as the paper)")
     parser.add_argument("--output", default="runs/finetune", metavar="DIR", help="where results.json goes")
     parser.set_defaults(func=finetune_command)
+
+    probe = subparsers.add_parser("probe", help="linear probes on the frozen features of every layer",
+                                  description="A ridge linear classifier on each generator and discriminator layer's "
+                                              "mean-pooled frozen states, fitted on train.tsv, scored on dev.tsv.")
+    probe.add_argument("pretrained", metavar="RUN_DIR|CHECKPOINT",
+                       help="run directory, checkpoint tag folder, state-dict file (with --model-config), or 'none'")
+    probe.add_argument("--task", required=True, metavar="DIR", help="GLUE-format classification task folder")
+    probe.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: the checkpoint's own)")
+    probe.add_argument("--model-config", metavar="FILE", help="ModelConfig JSON, for a state-dict file or 'none'")
+    probe.add_argument("--preset", default="small", help="model preset for 'none' (default small)")
+    probe.add_argument("--max-len", type=int, default=128, help="tokens per example with [CLS] and [SEP]")
+    probe.add_argument("--max-train-examples", type=int, help="fit on N examples spread over train.tsv (default: all)")
+    probe.add_argument("--seed", type=int, default=1, help="random init of 'none'")
+    probe.set_defaults(func=probe_command)

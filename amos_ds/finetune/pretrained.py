@@ -150,22 +150,22 @@ class EncoderSource:
 
     config: ModelConfig
     tokenizer: SentencepieceTokenizer
-    state: dict[str, torch.Tensor] | None
+    state: dict[str, torch.Tensor] | None  # the encoder's entries, and the generator's when loaded with_generator
     description: str
 
     def build(self, dropout: float) -> TextEncoder:
         """A new encoder with fine-tuning dropout. Random init draws from torch's global RNG: seed it first."""
         config = self.config.replace(dropout=dropout, attention_dropout=dropout)
-        state = self.state if self.state is not None else encoder_state(AMOSModel(config).state_dict())
+        state = self.state if self.state is not None else AMOSModel(config).state_dict()
         encoder = TextEncoder(config)
-        encoder.load_state_dict(state)
+        encoder.load_state_dict(encoder_state(state))
         return encoder
 
 
 def load_source(pretrained: str, tokenizer: str | None = None, model_config: str | None = None,
-                preset: str = "small") -> EncoderSource:
+                preset: str = "small", with_generator: bool = False) -> EncoderSource:
     """Resolve `--pretrained` (a checkpoint, run directory, state-dict file, release folder, or 'none') and its
-    tokenizer."""
+    tokenizer; with the generator's weights too when asked (`amos-ds probe`; a release folder has none)."""
     if is_release_folder(pretrained):
         config, state = read_release(pretrained)
         found = load_tokenizer(tokenizer or pretrained)
@@ -188,5 +188,5 @@ def load_source(pretrained: str, tokenizer: str | None = None, model_config: str
         return EncoderSource(config, found, None, f"random init ({model_config or preset})")
     checkpoint = locate_checkpoint(pretrained, model_config)
     found = find_tokenizer(checkpoint, tokenizer)
-    load_weights(checkpoint)
+    load_weights(checkpoint, with_generator)
     return EncoderSource(checkpoint.config, found, checkpoint.state, str(checkpoint.path))

@@ -41,6 +41,9 @@ class AMOSOutput(NamedTuple):
     rtd_loss: torch.Tensor  # mean RTD binary cross-entropy over non-padding tokens, in the graph
     replaced: torch.Tensor  # [B, T] bool: the discriminator's labels
     metrics: dict[str, torch.Tensor]
+    rtd_logits: torch.Tensor  # [B, T] float32: the discriminator's scores (> 0: replaced), detached
+    disc_states: torch.Tensor  # [B, T, H]: the discriminator's last layer, detached
+    head_predictions: torch.Tensor | None = None  # [K, N] each head's most likely token, when asked (predict=True)
 
 
 class MLMHead(nn.Module):
@@ -53,13 +56,25 @@ class MLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.config = config
 
+    def states(self, features: torch.Tensor) -> torch.Tensor:
+        """h(d) [K, N, H] of the raw layer outputs f(d) [K, N, H]."""
+        return self.norm(F.gelu(self.dense(features)))
+
     def forward(self, features: torch.Tensor, mix_logits: torch.Tensor, embedding: torch.Tensor,
                 targets: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """features [K, N, H] (raw layer outputs at masked positions) -> (head_losses, sampled_ids, sampled_embeds)."""
-        head_states = self.norm(F.gelu(self.dense(features)))
+        head_states = self.states(features)
         return ops.mlm_and_sample(head_states, mix_logits, embedding, self.bias, targets, tau=self.config.gumbel_tau,
                                   seed=seed, grad_scale=-1.0, impl=self.config.vocab_impl,
                                   adv_logit_scale=self.config.adv_mlm_scale)
+
+    @torch.no_grad()
+    def predictions(self, features: torch.Tensor, embedding: torch.Tensor, rows_per_chunk: int = 1024) -> torch.Tensor:
+        """Each head's most likely token [K, N], from logits of at most `rows_per_chunk` rows at a time (so that
+        evaluation never holds [K, N, V] logits)."""
+        head_states = self.states(features)
+        return torch.cat([(chunk @ embedding.t().to(chunk.dtype) + self.bias.to(chunk.dtype)).argmax(-1)
+                          for chunk in head_states.split(rows_per_chunk, dim=1)], dim=1)
 
 
 class AMOSModel(nn.Module):
@@ -127,7 +142,8 @@ class AMOSModel(nn.Module):
         return torch.zeros(num_rows, num_heads, device=features.device).masked_fill(~one_hot, float("-inf"))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor, seed: int,
-                progress: float = 0.0, masked_positions: torch.Tensor | None = None) -> AMOSOutput:
+                progress: float = 0.0, masked_positions: torch.Tensor | None = None,
+                predict: bool = False) -> AMOSOutput:
         """input_ids [B, T] with masked positions already corrupted; attention_mask [B, T] (1 = token, 0 = padding),
         or None for a batch without padding; labels [B, T] hold the original token at masked positions and
         IGNORE_INDEX elsewhere; seed keys the Gumbel noise; progress in [0, 1] drives layer switch.
@@ -135,7 +151,7 @@ class AMOSModel(nn.Module):
         masked_positions [N]: the flat indices (row * T + position) of the masked tokens in row-major order, as the
         loader gives them. With them (and attention_mask None when there is no padding) the forward never waits for
         the device: every shape is known on the host. None derives them from labels, which costs one host
-        synchronisation (the count N).
+        synchronisation (the count N). predict=True adds each head's most likely token (evaluation).
         """
         config = self.config
         batch, seq_len = input_ids.shape
@@ -173,7 +189,10 @@ class AMOSModel(nn.Module):
         loss = mlm_loss + config.rtd_weight * rtd_loss
         metrics = self._metrics(loss, mlm_loss, head_losses, rtd_loss, rtd_logits, replaced, real, is_replaced,
                                 mix_logits)
-        return AMOSOutput(loss=loss, head_losses=head_losses, rtd_loss=rtd_loss, replaced=replaced, metrics=metrics)
+        predictions = self.mlm_head.predictions(features, self.token_embedding) if predict else None
+        return AMOSOutput(loss=loss, head_losses=head_losses, rtd_loss=rtd_loss, replaced=replaced, metrics=metrics,
+                          rtd_logits=rtd_logits.detach(), disc_states=disc_hidden.detach(),
+                          head_predictions=predictions)
 
     @torch.no_grad()
     def _metrics(self, loss, mlm_loss, head_losses, rtd_loss, rtd_logits, replaced, real, is_replaced, mix_logits):

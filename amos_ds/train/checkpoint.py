@@ -205,7 +205,9 @@ def check_compatible(point: ResumePoint, tokenizer_hash: str, model_config: dict
 
 # TrainConfig fields that change what is trained (the model is checked by check_compatible); the others (paths,
 # logging, checkpointing, workers, timeouts, --max-steps) may change on resume.
-RUN_TRAIN_FIELDS = ("preset", "ablation", "data", "builtin_vocab_size", "seq_len", "mask_prob", "mask_split", "seed")
+# eval_data and eval_batches choose the held-out slice, which training then never reads.
+RUN_TRAIN_FIELDS = ("preset", "ablation", "data", "builtin_vocab_size", "seq_len", "mask_prob", "mask_split", "seed",
+                    "eval_data", "eval_batches")
 # DeepSpeed config sections that do; batch splits and ZeRO follow the world size, and total_num_steps is --max-steps.
 RUN_DEEPSPEED_FIELDS = ("train_batch_size", "optimizer", "scheduler", "gradient_clipping")
 
@@ -213,7 +215,7 @@ RUN_DEEPSPEED_FIELDS = ("train_batch_size", "optimizer", "scheduler", "gradient_
 def run_settings(train: dict[str, Any], deepspeed: dict[str, Any]) -> dict[str, Any]:
     """The settings a resume must keep, flattened to {"train.seq_len": 128, "deepspeed.optimizer.params.lr": ...}:
     from a TrainConfig.to_dict() and a DeepSpeed config (the file, or the derived one a checkpoint records)."""
-    kept = {"train": {name: train.get(name) for name in RUN_TRAIN_FIELDS},
+    kept = {"train": {name: train[name] for name in RUN_TRAIN_FIELDS if name in train},
             "deepspeed": {name: deepspeed.get(name) for name in RUN_DEEPSPEED_FIELDS}}
     kept = json.loads(json.dumps(kept))  # tuples as lists, as the checkpoint's JSON has them
     if isinstance(kept["deepspeed"]["scheduler"], dict):
@@ -234,11 +236,13 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def check_settings(point: ResumePoint, settings: dict[str, Any], allow_change: bool) -> dict[str, list]:
     """The run settings (run_settings) that differ from the checkpoint's, as {name: [old, new]}: refused in one line
-    listing them all, unless `allow_change` (--allow-config-change). Checkpoints that record no settings pass."""
+    listing them all, unless `allow_change` (--allow-config-change). Checkpoints that record no settings pass, and
+    TrainConfig fields newer than the checkpoint (absent from what it records) are not compared."""
     if "train" not in point.meta or "deepspeed" not in point.meta:
         return {}
     saved = run_settings(point.meta["train"], point.meta["deepspeed"])
-    changed = {name: [saved.get(name), settings.get(name)] for name in sorted(saved.keys() | settings.keys())
+    names = saved.keys() | {name for name in settings if name.startswith("deepspeed.")}  # TrainConfig may grow
+    changed = {name: [saved.get(name), settings.get(name)] for name in sorted(names)
                if saved.get(name) != settings.get(name)}
     if changed and not allow_change:
         details = ", ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changed.items())

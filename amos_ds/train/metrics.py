@@ -3,9 +3,11 @@
 metrics.jsonl holds one JSON object per optimizer step with `step`, every model metric (averaged over the step's
 micro-batches and all ranks), `lr`, `grad_norm`, `tokens_per_s`, `tflops` (model TFLOP/s per device), `mfu`,
 `data_wait_s`, `step_time_s`, `mem_gib`, `world_size`, `skipped_steps` (DeepSpeed's count of steps not applied,
-amos_ds/train/nonfinite.py) and, with TrainConfig.log_samples, `samples` (the step's sample indices, every rank's
-in rank order). TensorBoard events go through DeepSpeed's monitor (the `tensorboard` section of the DeepSpeed
-config, pointed at RUN_DIR/tensorboard), under `Train/<name>`.
+amos_ds/train/nonfinite.py) and, with TrainConfig.log_samples, `samples` (the step's samples' numbers in the whole
+dataset, every rank's in rank order; at an evaluation also `eval_samples`, the held-out ones'). A step that
+evaluated on held-out data adds its `eval_*`, `health_*` and `probe_*` keys (amos_ds/train/evaluate.py) and a
+second console line. TensorBoard events go through DeepSpeed's monitor (the `tensorboard` section of the DeepSpeed
+config, pointed at RUN_DIR/tensorboard), under `Train/<name>`, and the held-out keys under `Eval/<name>`.
 """
 
 import json
@@ -21,6 +23,7 @@ from amos_ds.atomic import write_atomically
 from amos_ds.errors import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
+HELD_OUT_PREFIXES = ("eval_", "health_", "probe_")  # keys of a held-out evaluation
 
 
 def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
@@ -89,9 +92,12 @@ class MetricsLog:
         self.file.flush()
         step = record["step"]
         if self.monitor.enabled:
-            self.monitor.write_events([(f"Train/{name}", value, step) for name, value in record.items()
-                                       if isinstance(value, (int, float)) and name != "step"])
+            self.monitor.write_events([
+                (f"{'Eval' if name.startswith(HELD_OUT_PREFIXES) else 'Train'}/{name}", value, step)
+                for name, value in record.items() if isinstance(value, (int, float)) and name != "step"])
         print(console_line(record, max_steps), flush=True)
+        if "eval_mlm_loss" in record:
+            print(eval_line(record), flush=True)
 
     def note_config_change(self, changes: dict[str, list]) -> None:
         """Settings changed on resume (--allow-config-change): warned now, recorded in the next record."""
@@ -117,3 +123,19 @@ def console_line(record: dict[str, Any], max_steps: int) -> str:
             f"gnorm {grad_norm} | {record['tokens_per_s']:,.0f} tok/s | "
             f"{record['tflops']:.3f} TFLOP/s | MFU {mfu} | data {1000 * record['data_wait_s']:.0f} ms | "
             f"mem {record['mem_gib']:.2f} GiB")
+
+
+def eval_line(record: dict[str, Any]) -> str:
+    """The held-out evaluation of a step: MLM per head, RTD against the constant guess, AUC, probe, health."""
+    heads = [name.removeprefix("eval_mlm_loss_L") for name in record if name.startswith("eval_mlm_loss_L")]
+    mlm = " ".join(f"L{layer} {record[f'eval_mlm_loss_L{layer}']:.3f}/{record[f'eval_mlm_acc_L{layer}']:.3f}"
+                   for layer in heads)
+    auc = f"{record['eval_rtd_auc']:.3f}" if record["eval_rtd_auc"] is not None else "n/a"
+    probe = (f" | probe {record['probe_accuracy']:.3f} (majority {record['probe_majority']:.3f}, "
+             f"{record['probe_time_s']:.1f} s)" if "probe_accuracy" in record else "")
+    health = (f" | health cos {record['health_mean_cosine']:.3f} rank {record['health_effective_rank']:.1f} "
+              f"std {record['health_unit_std']:.3f}" if "health_mean_cosine" in record else "")
+    return (f"eval step {record['step']} | mlm loss/acc {mlm} | rtd {record['eval_rtd_loss']:.4f} "
+            f"(constant {record['eval_rtd_loss_constant']:.4f}) AUC {auc} | acc rep "
+            f"{record['eval_disc_acc_replaced']:.3f} orig {record['eval_disc_acc_original']:.3f}{probe}{health} | "
+            f"{record['eval_time_s']:.1f} s")

@@ -1,9 +1,9 @@
 """The settings of one pretraining run: a plain dataclass, filled from its defaults, then `--config FILE`, then flags.
 
 Only what scripts rely on has a flag (`--deepspeed_config`, `--preset`, `--data`, `--run-dir`, `--max-steps`,
-`--save-every`, `--resume`, `--allow-config-change`, `--seed`, `--compile`, `--fp32`); everything else lives in the
-JSON file, whose keys are the field names below. Optimizer, schedule, batch size, precision and ZeRO stage belong to
-the DeepSpeed config.
+`--save-every`, `--resume`, `--allow-config-change`, `--seed`, `--compile`, `--eval-data`, `--eval-every`,
+`--eval-batches`, `--probe-task`, `--fp32`); everything else lives in the JSON file, whose keys are the field names
+below. Optimizer, schedule, batch size, precision and ZeRO stage belong to the DeepSpeed config.
 """
 
 import argparse
@@ -58,6 +58,15 @@ class TrainConfig:
     log_every: int = 1
     log_samples: bool = False  # record every step's sample indices in metrics.jsonl (for data-order checks)
     plot: bool = True  # draw the PNGs into run_dir/plots at the end
+    # Held-out evaluation (amos_ds/train/evaluate.py): every eval_every steps and at the end, on eval_batches global
+    # batches (train_batch_size samples each) of eval_data, or else of a fixed slice of `data` (at most a tenth of
+    # it) that training then never reads; eval_batches 0 turns evaluation off.
+    eval_data: list[str] = field(default_factory=list)
+    eval_every: int = 200
+    eval_batches: int = 8
+    # A GLUE-format task folder whose frozen discriminator features a linear probe scores at each evaluation.
+    probe_task: str | None = None
+    probe_train_examples: int = 1000  # the probe fits on at most this many of train.tsv's examples
     # Faults. A step with a NaN/inf loss is skipped; this many in a row save the last good state and stop the run.
     max_nonfinite_steps: int = 10
     # A collective that waits longer than this (a rank hung or gone) fails, so the job ends and can resume.
@@ -70,8 +79,9 @@ class TrainConfig:
         if self.seq_len > max_positions:
             raise ConfigError(f"TrainConfig.seq_len {self.seq_len} exceeds the model's max_positions {max_positions}")
         for name in ("seq_len", "num_workers", "save_every", "keep_last", "log_every", "builtin_vocab_size",
-                     "max_nonfinite_steps", "collective_timeout_s"):
-            minimum = 0 if name == "num_workers" else 1
+                     "max_nonfinite_steps", "collective_timeout_s", "eval_every", "eval_batches",
+                     "probe_train_examples"):
+            minimum = 0 if name in ("num_workers", "eval_batches") else 1
             if getattr(self, name) < minimum:
                 raise ConfigError(f"TrainConfig.{name} must be at least {minimum}, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -140,6 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="data order, masking, weights, dropout, noise (default 1234)")
     parser.add_argument("--compile", choices=COMPILE_CHOICES,
                         help="torch.compile the encoder layers: auto (on CUDA, ZeRO 0-2; the default), on, off")
+    parser.add_argument("--eval-data", dest="eval_data", nargs="+", metavar="DIR[:WEIGHT]",
+                        help="held-out corpora (default: a fixed slice of --data that training does not read)")
+    parser.add_argument("--eval-every", dest="eval_every", type=int,
+                        help="evaluate on the held-out data every N optimizer steps, and at the end (default 200)")
+    parser.add_argument("--eval-batches", dest="eval_batches", type=int,
+                        help="held-out global batches (train_batch_size samples each) per evaluation (default 8; "
+                             "0: no evaluation)")
+    parser.add_argument("--probe-task", dest="probe_task", metavar="DIR",
+                        help="GLUE-format task folder: a linear probe on frozen discriminator features at each "
+                             "evaluation")
     parser.add_argument("--fp32", action="store_true", default=None, help="no bf16/fp16 (for exactness tests)")
     # Passed by the deepspeed launcher; the rank is read from the environment.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
