@@ -14,6 +14,7 @@ MIXTURES = (
     "random_layer",  # ablation "w. random layer": one head drawn uniformly per masked position
     "layer_switch",  # ablation "w. layer switch": head k alone from progress switch_points[k-1] on
 )
+# The vocabulary path's implementations, amos_ds.ops.mlm_and_sample's `impl` (ops.IMPLS is this tuple).
 VOCAB_IMPLS = ("auto", "torch", "chunked", "triton")
 # How attention adds the relative bias (amos_ds/model/encoder.py): PyTorch's scaled_dot_product_attention with the
 # bias as a contiguous additive mask, or FlexAttention with the bias as a score_mod (no attention dropout).
@@ -113,6 +114,11 @@ class ModelConfig:
     @property
     def num_generator_heads(self) -> int:
         return len(self.head_layers)
+
+    @property
+    def generator_layers_run(self) -> int:
+        """Generator layers one forward runs: the shared generator's, or with separate generators all of theirs."""
+        return sum(self.head_layers) if self.separate_generators else self.gen_layers
 
     @property
     def head_dim(self) -> int:

@@ -32,6 +32,7 @@ from amos_ds.errors import ConfigError, NonFiniteLoss, exit_code_of
 from amos_ds.finetune.probe import frozen_discriminator, load_probe_task, score_discriminator
 from amos_ds.model import AMOSModel
 from amos_ds.train.checkpoint import (
+    CHECKPOINTS,
     RUN_TOKENIZER,
     check_compatible,
     check_free_space,
@@ -79,7 +80,8 @@ def free_port() -> int:
 def setup_distributed(collective_timeout_s: float = TrainConfig.collective_timeout_s) -> tuple[int, int]:
     """(rank, world size). Launchers set RANK/WORLD_SIZE; plain `python` gets a one-process group on loopback, and
     mpirun's variables are used directly when MASTER_ADDR is given (DeepSpeed's MPI discovery would take the
-    machine's first interface address instead).
+    machine's first interface address instead), as are those of an srun task (SLURM_STEP_ID tells it from the
+    batch script, which has SLURM_PROCID too; amos_ds/train/slurm.py sets MASTER_ADDR).
 
     A collective that waits longer than `collective_timeout_s` for a hung or dead rank raises (gloo), or is aborted
     by the NCCL watchdog (TORCH_NCCL_ASYNC_ERROR_HANDLING, on by default), so the rank exits non-zero and the
@@ -87,6 +89,9 @@ def setup_distributed(collective_timeout_s: float = TrainConfig.collective_timeo
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" in os.environ and "MASTER_ADDR" in os.environ:
         os.environ.update(RANK=os.environ["OMPI_COMM_WORLD_RANK"], WORLD_SIZE=os.environ["OMPI_COMM_WORLD_SIZE"],
                           LOCAL_RANK=os.environ["OMPI_COMM_WORLD_LOCAL_RANK"])
+    elif "RANK" not in os.environ and "SLURM_STEP_ID" in os.environ and "MASTER_ADDR" in os.environ:  # srun's task
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                          LOCAL_RANK=os.environ["SLURM_LOCALID"])
     elif "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -221,6 +226,9 @@ def train_locked(config: TrainConfig, rank: int, world_size: int) -> int:
               f"{len(held_out) if held_out else 'no'} held-out samples, "
               f"{'compiled' if compiled else 'eager'} layers", flush=True)
 
+    def save(at_step: int) -> Path:
+        return save_checkpoint(engine, run_dir, at_step, info, sampler.state_dict(), config.keep_last)
+
     step = saved = engine.global_steps
     compile_reported = False
     while step < max_steps and not stop.should_stop():
@@ -240,7 +248,8 @@ def train_locked(config: TrainConfig, rank: int, world_size: int) -> int:
                       f"{time.perf_counter() - waited:.1f} s", flush=True)
             for name, value in out.metrics.items():  # device tensors, read once per optimizer step
                 sums[name] = sums.get(name, 0.0) + value
-            samples += batch["sample_index"].tolist()
+            if config.log_samples:
+                samples += batch["sample_index"].tolist()
         sampler.advance(global_batch)
         step += 1
 
@@ -274,12 +283,16 @@ def train_locked(config: TrainConfig, rank: int, world_size: int) -> int:
         if step % config.log_every == 0 or step == max_steps or evaluating:
             log.log(record, max_steps)
         if step % config.save_every == 0 or step == max_steps:
-            save_checkpoint(engine, run_dir, step, info, sampler.state_dict(), config.keep_last)
+            save(step)
             saved = step
-        if nonfinite.after_step():
-            stop_after_nonfinite_losses(engine, run_dir, step, info, sampler.state_dict(), config, saved == step)
+        if nonfinite.after_step():  # save the state (its weights are the last applied step's) and stop
+            path = run_dir / CHECKPOINTS / tag_for(step) if saved == step else save(step)
+            in_a_row = config.max_nonfinite_steps
+            raise NonFiniteLoss(f"steps {step - in_a_row + 1}-{step}: {in_a_row} non-finite losses in a row "
+                                f"(TrainConfig.max_nonfinite_steps), all skipped; saved the last good weights in "
+                                f"{path}; lower the learning rate or check the data, then --resume auto")
     if saved != step:  # stopped by SIGTERM/SIGUSR1
-        path = save_checkpoint(engine, run_dir, step, info, sampler.state_dict(), config.keep_last)
+        path = save(step)
         if rank == 0:
             print(f"stop signal received: saved {path}, exiting", flush=True)
     log.close()
@@ -290,17 +303,6 @@ def train_locked(config: TrainConfig, rank: int, world_size: int) -> int:
 
         plot_run(run_dir)
     return 0
-
-
-def stop_after_nonfinite_losses(engine, run_dir: Path, step: int, info: dict, sampler_state: dict,
-                                 config: TrainConfig, already_saved: bool) -> None:
-    """Save the state (its weights are the last applied step's) and stop the run with NonFiniteLoss."""
-    path = run_dir / "checkpoints" / tag_for(step)
-    if not already_saved:
-        path = save_checkpoint(engine, run_dir, step, info, sampler_state, config.keep_last)
-    raise NonFiniteLoss(f"steps {step - config.max_nonfinite_steps + 1}-{step}: {config.max_nonfinite_steps} "
-                        f"non-finite losses in a row (TrainConfig.max_nonfinite_steps), all skipped; saved the last "
-                        f"good weights in {path}; lower the learning rate or check the data, then --resume auto")
 
 
 def shared_memory_buffer(uid: object, master_addr: object, master_port: object, local_rank: object) -> Path:

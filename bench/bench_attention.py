@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Appended, not first: the root's kernels/ would shadow PyPI's `kernels`, which transformers imports.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from amos_ds.model.encoder import FlexBias, biased_flex_attention  # noqa: E402
 from amos_ds.model.relative_position import RelativePositionBias  # noqa: E402

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+# Appended, not first: the root's kernels/ would shadow PyPI's `kernels`, which transformers imports.
+sys.path.append(str(REPO))
 
 from amos_ds.data import DataConfig, ResumableSampler, build_loader, open_corpora  # noqa: E402
 from amos_ds.data.sources import SourceStats, expand_inputs, iter_sources  # noqa: E402
@@ -23,7 +24,7 @@ from amos_ds.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 
 PREPROCESS = """
 import resource, sys, time
-sys.path.insert(0, {repo!r})
+sys.path.append({repo!r})
 from amos_ds.data.preprocess import preprocess
 start = time.perf_counter()
 preprocess({inputs!r}, {tokenizer!r}, {output!r}, workers={workers}, progress=False)

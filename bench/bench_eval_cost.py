@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+# Appended, not first: the root's kernels/ would shadow PyPI's `kernels`, which transformers imports.
+sys.path.append(str(REPO))
 SHARED_DATA = Path(os.environ.get("AMOS_SHARED_DATA", REPO.parent / "shared" / "data"))
 if not SHARED_DATA.is_dir():
     SHARED_DATA = REPO / ".data"  # where bench/gpu_check.sh's machine carries it

@@ -31,7 +31,8 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--amos-root", type=Path, default=Path(__file__).resolve().parents[1],
                     help="the amos-ds checkout to measure (default: this one)")
 if __name__ == "__main__":
-    sys.path.insert(0, str(parser.parse_known_args()[0].amos_root))
+    # Appended, not first: the root's kernels/ would shadow PyPI's `kernels`, which transformers imports.
+    sys.path.append(str(parser.parse_known_args()[0].amos_root))
 
 from amos_ds.config import get_preset  # noqa: E402
 from amos_ds.data.loader import DataConfig, MaskedBatches  # noqa: E402

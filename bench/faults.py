@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+# Appended, not first: the root's kernels/ would shadow PyPI's `kernels`, which transformers imports.
+sys.path.append(str(REPO))
 
 from amos_ds.data.builtin import prepare_builtin_corpus  # noqa: E402
 from amos_ds.pretrain import free_port, shared_memory_buffer  # noqa: E402

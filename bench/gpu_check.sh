@@ -54,8 +54,11 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 else
   echo "no .whl/ wheels: DeepSpeed (training step) and pytest may be missing"
 fi
+# amos_ds is linked too, rather than putting this folder on PYTHONPATH: its kernels/ would shadow PyPI's `kernels`,
+# which transformers imports for the Hugging Face peer.
 ln -sfn "$PWD/kernels" "$SITE/amos_kernels"
-export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+ln -sfn "$PWD/amos_ds" "$SITE/amos_ds"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 
 ROWS=()
 # run_step NAME MAX_SECONDS LOG COMMAND...: runs with a timeout, records status, seconds and the output's last line.

@@ -36,7 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+# Appended, not first: the root's kernels/ would shadow PyPI's `kernels`, which transformers imports.
+sys.path.append(str(REPO))
 
 BUDGETS = {
     # CPU: the main job's recipe (tiny, 32 x 128 tokens per step, peak lr 2e-3, fp32; ds_configs/cpu.json) on the

@@ -3,6 +3,6 @@
 `mlm_and_sample_triton` is the fused vocabulary path that `amos_ds.ops.mlm_and_sample(impl="triton")` calls.
 """
 
-from .vocab_path import FusedVocabPath, KernelConfig, default_config, mlm_and_sample_triton
+from .vocab_path import KernelConfig, default_config, mlm_and_sample_triton
 
-__all__ = ["FusedVocabPath", "KernelConfig", "default_config", "mlm_and_sample_triton"]
+__all__ = ["KernelConfig", "default_config", "mlm_and_sample_triton"]

@@ -1,17 +1,12 @@
 """The AMOS vocabulary path as fused Triton kernels: K MLM heads, the mixture and straight-through Gumbel sampling.
 
-```
-mlm_and_sample_triton(head_states[K,N,H], mix_logits[N,K], embedding[V,H], bias[V], targets[N], tau, seed,
-                      grad_scale=-1.0, adv_logit_scale=0.0, config=None)
-    -> (head_losses[K] float32, sampled_ids[N] int64, sampled_embeds[N,H] in embedding's dtype)
-```
-Same numbers as the plain PyTorch reference (`amos_ds.ops.vocab_path.mlm_and_sample_torch`): logits_k = head_states[k]
-@ embedding.T + bias; head_losses[k] = mean cross-entropy against targets (valid ids in [0, V)); gamma =
-softmax(mix_logits); sampled_ids = argmax(sum_k gamma_k logits_k + g) with g = -log(-log(u)), u from word id % 4 of
-tl.randint4x(seed, row * cdiv(V, 4) + id // 4) (`amos_ds.ops.gumbel_noise`'s stream);
-sampled_embeds = embedding[sampled_ids] in value, its gradient reaching embedding as a lookup and mix_logits through
-y = softmax((mixed + g) / tau) times grad_scale (and the head logits, times adv_logit_scale, when that is not 0).
-No [N, V] logits are kept: the forward keeps O(N x K) statistics and the backward recomputes the logits.
+`mlm_and_sample_triton(head_states, mix_logits, embedding, bias, targets, tau, seed, grad_scale=-1.0,
+adv_logit_scale=0.0, config=None)` computes the vocabulary-path contract stated once in amos_ds/ops/__init__.py
+(`amos_ds.ops.mlm_and_sample`, which calls this for impl="triton"; this package imports nothing from amos_ds), with
+the same numbers as its plain PyTorch reference, head_losses in float32 and sampled_embeds in the embedding's dtype.
+The Gumbel noise is g = -log(-log(u)), u from word id % 4 of tl.randint4x(seed, row * cdiv(V, 4) + id // 4), the
+stream of `amos_ds.ops.gumbel_noise`. No [N, V] logits are kept: the forward keeps O(N x K) statistics and the
+backward recomputes the logits.
 
 Two layouts compute this, chosen by `KernelConfig.layout` (default `config.DEFAULT_LAYOUT`, "stacked_slots"):
 - "stacked_slots" (`stacked_slots.py`): each Triton program computes its logit tiles with tl.dot, the K heads'
@@ -48,7 +43,7 @@ import torch
 from . import chunked_logits, stacked_slots
 from .config import KernelConfig, default_config, interpreting
 
-__all__ = ["FusedVocabPath", "KernelConfig", "default_config", "mlm_and_sample_triton"]
+__all__ = ["KernelConfig", "default_config", "mlm_and_sample_triton"]
 
 LAYOUT_MODULES = {"stacked_slots": stacked_slots, "chunked_logits": chunked_logits}
 
@@ -159,28 +154,3 @@ def mlm_and_sample_triton(head_states: torch.Tensor, mix_logits: torch.Tensor, e
     return _VocabPathFunction.apply(head_states.contiguous(), mix_logits, embedding.contiguous(), bias.contiguous(),
                                     targets.contiguous(), float(tau), int(seed), float(grad_scale),
                                     float(adv_logit_scale), config)
-
-
-class FusedVocabPath(torch.nn.Module):
-    """Thin module around `mlm_and_sample_triton` holding the sampling settings.
-
-    The embedding and bias are arguments, not parameters: the model owns them (the embedding is tied to the input
-    embedding). Under ZeRO-3 the embedding must be gathered when this runs: see the module docstring.
-    """
-
-    def __init__(self, tau: float = 0.3, grad_scale: float = -1.0, adv_logit_scale: float = 0.0,
-                 config: KernelConfig | None = None):
-        super().__init__()
-        self.tau = tau
-        self.grad_scale = grad_scale
-        self.adv_logit_scale = adv_logit_scale
-        self.config = config
-
-    def forward(self, head_states: torch.Tensor, mix_logits: torch.Tensor, embedding: torch.Tensor,
-                bias: torch.Tensor, targets: torch.Tensor, seed: int,
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return mlm_and_sample_triton(head_states, mix_logits, embedding, bias, targets, self.tau, seed,
-                                     self.grad_scale, self.adv_logit_scale, self.config)
-
-    def extra_repr(self) -> str:
-        return f"tau={self.tau}, grad_scale={self.grad_scale}, adv_logit_scale={self.adv_logit_scale}"

@@ -2,8 +2,8 @@
 the interpreter where there is no GPU; the shared data folder; a one-rank process group for the parts of the
 trainer that talk to their peers; two-rank functions; the built-in corpus; pretraining runs in subprocesses.
 
-Tests that start more than one process (two ranks, a launcher, subprocess training runs, daemons) are marked
-`slow`; `pytest -m "not slow"` is the fast subset (README, TESTING.md)."""
+Tests that start more than one process (two ranks, a launcher, subprocess training runs, daemons) or train for
+hundreds of steps are marked `slow`; `pytest -m "not slow"` is the fast subset (README, TESTING.md)."""
 
 import atexit
 import contextlib

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from amos_ds.cli import main as cli_main
 from amos_ds.config import get_preset
 from amos_ds.data.tokenizer import Tokenizer, train_tokenizer
-from amos_ds.finetune.pretrained import EncoderSource, read_checkpoint
+from amos_ds.finetune.pretrained import EncoderSource, load_weights, locate_checkpoint
 from amos_ds.model import AMOSModel
 from amos_ds.vocab import AMOS_DS_CLS, AMOS_DS_SEP
 
@@ -75,7 +75,7 @@ def test_export_gives_amos_ds_hidden_states_and_ids(tokenizers, tmp_path):
 
     batch = theirs(SENTENCES, padding=True, return_tensors="pt")
     assert batch["attention_mask"].min() == 0  # padding is in the test
-    checkpoint = read_checkpoint(weights, str(config_file))
+    checkpoint = load_weights(locate_checkpoint(weights, str(config_file)))
     encoder = EncoderSource(checkpoint.config, ours, checkpoint.state, "file").build(dropout=0.1).eval()
     with torch.no_grad():
         expected = encoder(batch["input_ids"], batch["attention_mask"])
@@ -150,7 +150,7 @@ def test_exports_a_zero3_run_with_its_own_tokenizer_and_refuses_another(tokenize
     assert not (tmp_path / "bad").exists()
 
     assert cli_main(["export", str(run_dir), str(tmp_path / "hf")]) == 0
-    checkpoint = read_checkpoint(run_dir)
+    checkpoint = load_weights(locate_checkpoint(run_dir))
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=True)
     batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
     encoder = EncoderSource(checkpoint.config, None, checkpoint.state, "run").build(dropout=0.1).eval()

@@ -18,7 +18,7 @@ from amos_ds.errors import ConfigError, DataError
 from amos_ds.finetune import metrics
 from amos_ds.finetune.classifier import ClassificationHead, SentenceClassifier
 from amos_ds.finetune.grid import PAPER_GRID, SMALL_MODEL_GRID, Grid, best_setting, default_grid, median_scores
-from amos_ds.finetune.pretrained import EncoderSource, find_tokenizer, load_source, read_checkpoint
+from amos_ds.finetune.pretrained import EncoderSource, find_tokenizer, load_source, load_weights, locate_checkpoint
 from amos_ds.finetune.run import FinetuneConfig, learned, trivial_train_loss
 from amos_ds.finetune.tasks import Example, Task, batches, encode, load_task, read_tsv, truncate_pair
 from amos_ds.model import AMOSModel
@@ -82,7 +82,7 @@ def test_state_dict_file_reproduces_discriminator_hidden_states(tmp_path):
     torch.save(model.state_dict(), tmp_path / "model.pt")
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
 
-    checkpoint = read_checkpoint(tmp_path / "model.pt", str(tmp_path / "config.json"))
+    checkpoint = load_weights(locate_checkpoint(tmp_path / "model.pt", str(tmp_path / "config.json")))
     assert checkpoint.config == config
     assert set(checkpoint.state) == {"token_embedding"} | {f"discriminator.{k}" for k in
                                                            model.discriminator.state_dict()}
@@ -260,7 +260,7 @@ def test_tokenizer_must_match_checkpoint(synthetic, tmp_path):
     config = get_preset("tiny", vocab_size=400)
     torch.save(AMOSModel(config).state_dict(), tmp_path / "model.pt")
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
-    checkpoint = read_checkpoint(tmp_path / "model.pt", str(tmp_path / "config.json"))
+    checkpoint = load_weights(locate_checkpoint(tmp_path / "model.pt", str(tmp_path / "config.json")))
     assert find_tokenizer(checkpoint, str(tokenizer)).vocab_size == 400
     with pytest.raises(ConfigError, match="a state-dict file needs --tokenizer DIR"):
         find_tokenizer(checkpoint, None)
@@ -381,7 +381,7 @@ def test_a_file_that_is_not_a_state_dict_is_refused_with_its_cause(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(get_preset("tiny", vocab_size=400).to_dict()))
     (tmp_path / "model.pt").write_bytes(b"not a zip archive")
     with pytest.raises(ConfigError) as raised:
-        read_checkpoint(tmp_path / "model.pt", str(tmp_path / "config.json"))
+        load_weights(locate_checkpoint(tmp_path / "model.pt", str(tmp_path / "config.json")))
     assert str(raised.value).startswith(f"--pretrained {tmp_path / 'model.pt'}: not a torch.save'd state dict "
                                         "(UnpicklingError: ")
     assert raised.value.__cause__ is not None

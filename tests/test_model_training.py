@@ -2,6 +2,7 @@
 
 import itertools
 
+import pytest
 import torch
 
 from amos_ds.config import get_preset
@@ -14,6 +15,7 @@ STEPS = 300
 WINDOW = 20
 
 
+@pytest.mark.slow  # 300 training steps: minutes on a loaded 2-core machine
 def test_tiny_model_lowers_every_loss_on_real_text(shared_data, tmp_path):
     text = shared_data / "pretrain" / "austen.txt.gz"
     tokenizer = train_tokenizer([str(text)], vocab_size=1024, output=str(tmp_path / "tok"), lowercase=True)

@@ -92,8 +92,13 @@ def _bind_worker_to_trainer(trainer_pid: int, worker_id: int) -> None:
     among them; and they notice a dead trainer only after seconds of polling. The trainer leaves through os._exit
     (or a SIGKILL): without this, an immediate restart on the same port met EADDRINUSE from the orphaned workers.
     The worker talks to the trainer through pipes, never through an inherited socket.
+
+    A scheduler signals every process of a job (Slurm's --signal and scancel), the workers too: a worker ignores
+    the trainer's stop signals (SIGTERM, SIGUSR1), which would kill it and so the trainer before it could save.
     """
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
     if os.getppid() != trainer_pid:  # the trainer died before prctl took effect
         os._exit(0)
     for fd in os.listdir("/proc/self/fd"):

@@ -41,10 +41,6 @@ class ResumableSampler:
         """Positions of the global order one micro-batch on every rank consumes."""
         return self.world_size * self.micro_batch_size
 
-    @property
-    def epoch(self) -> int:
-        return self.consumed_samples // self.num_samples
-
     def _permutation(self, epoch: int) -> Permutation:
         if epoch not in self._permutations:
             self._permutations = {epoch: Permutation(self.num_samples, (self.seed, epoch))}
@@ -74,8 +70,9 @@ class ResumableSampler:
         self.consumed_samples += num_global_samples
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed_samples": self.consumed_samples, "num_samples": self.num_samples,
-                "seed": self.seed, "world_size": self.world_size, "micro_batch_size": self.micro_batch_size}
+        """What resuming needs: the position, and the order's shape to check it against (world size and micro-batch
+        size are free to change, so they are not kept)."""
+        return {"consumed_samples": self.consumed_samples, "num_samples": self.num_samples, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue the saved run's order; world size and micro-batch size may differ from the saving run's."""

@@ -95,11 +95,6 @@ def load_weights(checkpoint: Checkpoint, with_generator: bool = False, everythin
     return checkpoint
 
 
-def read_checkpoint(path: str | os.PathLike, model_config: str | None = None) -> Checkpoint:
-    """The encoder's fp32 weights and the model config from a DeepSpeed checkpoint or a state-dict file."""
-    return load_weights(locate_checkpoint(path, model_config))
-
-
 def _read_model_config(path: Path) -> ModelConfig:
     try:
         values = json.loads(path.read_text())

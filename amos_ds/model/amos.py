@@ -20,7 +20,6 @@ from torch import nn
 from amos_ds import ops
 from amos_ds.config import ModelConfig
 from amos_ds.model.encoder import Encoder
-from amos_ds.ops.gumbel import philox_uniform
 from amos_ds.vocab import IGNORE_INDEX
 
 # Seeds of the per-position head choice (random-layer ablation) are the Gumbel seed plus this odd constant, so the
@@ -133,7 +132,7 @@ class AMOSModel(nn.Module):
             return features.new_zeros(num_rows, num_heads, dtype=torch.float32)
         if mixture == "random_layer":
             rows = torch.arange(num_rows, device=features.device)
-            uniform = philox_uniform((seed + _HEAD_CHOICE_SEED_SHIFT) & 0xFFFFFFFFFFFFFFFF, rows)
+            uniform = ops.philox_uniform((seed + _HEAD_CHOICE_SEED_SHIFT) & 0xFFFFFFFFFFFFFFFF, rows)
             chosen = (uniform * num_heads).long().clamp(max=num_heads - 1)
         else:  # layer_switch: head k from progress switch_points[k - 1] on
             stage = sum(progress >= point for point in self.config.switch_points)

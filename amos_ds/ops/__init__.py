@@ -21,10 +21,11 @@ impl: "torch" (plain reference, [K,N,V] logits in memory), "chunked" (same numbe
 
 import torch
 
+from amos_ds.config import VOCAB_IMPLS
 from amos_ds.ops.gumbel import gumbel_noise, philox_uniform
 from amos_ds.ops.vocab_path import mlm_and_sample_chunked, mlm_and_sample_torch
 
-IMPLS = ("auto", "torch", "chunked", "triton")
+IMPLS = VOCAB_IMPLS  # ModelConfig.vocab_impl's choices, defined beside it (config.py imports no torch)
 # "auto" without the kernel: the plain path while its logits fit in this many elements (1 GiB of fp32 with their
 # gradient), since the chunked path computes the Gumbel noise twice and the logits twice.
 AUTO_TORCH_MAX_LOGITS = 2**27

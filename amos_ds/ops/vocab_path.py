@@ -1,15 +1,10 @@
 """The vocabulary path of AMOS in plain PyTorch: per-head MLM losses and the mixed Gumbel-Softmax sample.
 
-Two implementations of one contract (see `amos_ds.ops.mlm_and_sample`):
+Two implementations of the contract stated in amos_ds/ops/__init__.py (`amos_ds.ops.mlm_and_sample`):
 - `mlm_and_sample_torch`: the reference. Materialises the [K, N, V] logits and lets autograd differentiate.
 - `mlm_and_sample_chunked`: the same numbers, but a hand-written autograd Function that walks N in chunks of
   `chunk_rows` rows, keeps only O(N x K) statistics from the forward and recomputes logits in the backward, so
   no more than chunk_rows x V logits (per head) are alive at once.
-
-Gradient of the sample (both): sampled_embeds = E[ids] in value. E receives the lookup gradient. The gradient
-w.r.t. the one-hot goes through y = softmax((l_bar + g) / tau), l_bar = sum_k gamma_k * l_k, into gamma (and so
-mix_logits), multiplied by `grad_scale` (-1: gradient reversal). The per-head logits l_k enter l_bar detached,
-unless `adv_logit_scale` > 0 (the "+adv MLM" ablation), which lets them receive that gradient times the scale.
 """
 
 import torch

@@ -44,9 +44,8 @@ def forward_flops(config: ModelConfig, seq_len: int, mask_prob: float) -> dict[s
     """Forward FLOPs of one sequence, by part (see the module docstring)."""
     t, h, v, k = seq_len, config.hidden_size, config.vocab_size, config.num_generator_heads
     m = mask_prob * seq_len
-    generator_layers = sum(config.head_layers) if config.separate_generators else config.gen_layers
     return {
-        "generator": generator_layers * encoder_layer_flops(config, seq_len),
+        "generator": config.generator_layers_run * encoder_layer_flops(config, seq_len),
         "mlm_heads": k * (2 * m * h * h + 2 * m * h * v),
         "mixture_scorer": 2 * m * h * k if config.mixture == "adversarial" else 0.0,
         "mixing": 2 * k * m * v,

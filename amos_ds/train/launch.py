@@ -27,6 +27,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from amos_ds.atomic import write_atomically
 from amos_ds.errors import ConfigError
 from amos_ds.train.hostfile import Host, parse_hostfile
 from amos_ds.train.train_config import TrainConfig, build_parser, load_train_config
@@ -133,10 +134,10 @@ def make_plan(hostfile: str, hosts: list[Host], config: TrainConfig, throughput_
     with torch.device("meta"):
         parameters = sum(p.numel() for p in AMOSModel(model_config).parameters())
     dtype = "fp32" if config.fp32 else precision(ds_config)
-    generator_layers = sum(model_config.head_layers) if model_config.separate_generators else model_config.gen_layers
     state_gib, activation_gib = memory_per_gpu(
-        parameters, generator_layers + model_config.disc_layers, model_config.hidden_size, model_config.num_heads,
-        ds_config["train_micro_batch_size_per_gpu"], config.seq_len, zero_stage(ds_config), dtype, gpus)
+        parameters, model_config.generator_layers_run + model_config.disc_layers, model_config.hidden_size,
+        model_config.num_heads, ds_config["train_micro_batch_size_per_gpu"], config.seq_len, zero_stage(ds_config),
+        dtype, gpus)
     tokens_per_step = ds_config["train_batch_size"] * config.seq_len
     run_dir = Path(config.run_dir)
     done_steps = max((r["step"] for r in read_metrics(run_dir)), default=0)
@@ -301,7 +302,7 @@ def run_launch(args: argparse.Namespace) -> int:
     if uses_ssh(args, hosts):
         check_hosts(hosts, args)
     env_file.parent.mkdir(parents=True, exist_ok=True)
-    env_file.write_text("".join(f"{key}={value}\n" for key, value in sorted(env.items())))
+    write_atomically(env_file, "".join(f"{key}={value}\n" for key, value in sorted(env.items())))
     process_env = {**os.environ, **env, "DS_ENV_FILE": str(env_file)}
     if uses_ssh(args, hosts) and args.ssh_config:
         process_env["PDSH_SSH_ARGS_APPEND"] = (f"{process_env.get('PDSH_SSH_ARGS_APPEND', '')} "

@@ -170,36 +170,37 @@ def load_train_config(args: argparse.Namespace) -> TrainConfig:
     """TrainConfig defaults, overridden by the --config file, overridden by the flags that were given."""
     values: dict[str, Any] = {}
     if args.config:
-        values = _read_config_file(Path(args.config))
+        values = read_config_file(Path(args.config), TrainConfig, "--config")
     flags = {f.name for f in fields(TrainConfig)} & set(vars(args))
     values.update({name: getattr(args, name) for name in flags if getattr(args, name) is not None})
     return TrainConfig(**values)
 
 
-def _read_config_file(path: Path) -> dict[str, Any]:
+def read_config_file(path: Path, config_class: type, flag: str) -> dict[str, Any]:
+    """The fields of a JSON config file for `config_class` (a dataclass), each checked against its annotation."""
     try:
         values = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"--config {path}: file not found") from None
+        raise ConfigError(f"{flag} {path}: file not found") from None
     except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"--config {path}: not readable JSON ({err})") from None
+        raise ConfigError(f"{flag} {path}: not readable JSON ({err})") from None
     if not isinstance(values, dict):
-        raise ConfigError(f"--config {path}: expected a JSON object of TrainConfig fields")
-    known = [f.name for f in fields(TrainConfig)]
+        raise ConfigError(f"{flag} {path}: expected a JSON object of {config_class.__name__} fields")
+    known = [f.name for f in fields(config_class)]
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ConfigError(f"--config {path}: unknown field(s) {unknown}; known: {known}")
-    hints = typing.get_type_hints(TrainConfig)
+        raise ConfigError(f"{flag} {path}: unknown field(s) {unknown}; known: {known}")
+    hints = typing.get_type_hints(config_class)
     for name, value in values.items():
         if not _has_type(value, hints[name]):
-            raise ConfigError(f"--config {path}: {name} must be {_type_name(hints[name])}, got {value!r}")
+            raise ConfigError(f"{flag} {path}: {name} must be {_type_name(hints[name])}, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):  # Python's JSON reader accepts NaN and Infinity
-            raise ConfigError(f"--config {path}: {name} must be a finite number, got {value}")
+            raise ConfigError(f"{flag} {path}: {name} must be a finite number, got {value}")
     return values
 
 
 def _has_type(value: Any, hint: Any) -> bool:
-    """Whether a JSON value fits a TrainConfig annotation (values are data: nothing in them is ever evaluated)."""
+    """Whether a JSON value fits a config field's annotation (values are data: nothing in them is ever evaluated)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         return any(_has_type(value, arg) for arg in args)

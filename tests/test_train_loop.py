@@ -1,0 +1,27 @@
+"""The training loop of amos_ds/pretrain.py in this process (one rank): the fast subset's end-to-end check; the
+subprocess runs of test_train_run.py (slow) cover launchers, several ranks, signals and resume."""
+
+import os
+
+from conftest import GLOBAL_BATCH, complete_steps, metrics, write_configs
+
+from amos_ds import pretrain
+
+
+def test_two_steps_log_every_step_save_the_last_and_summarise(tmp_path, corpus, one_process_group, capsys):
+    run_dir = tmp_path / "run"
+    flags = write_configs(tmp_path, corpus, zero_stage=1)
+    environment = dict(os.environ)
+    try:
+        code = pretrain.main([*flags, "--fp32", "--run-dir", str(run_dir), "--max-steps", "2"])
+    finally:  # pretrain.main sets RANK, MASTER_PORT and the like for its one-process group
+        os.environ.clear()
+        os.environ.update(environment)
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    records = metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2] and all(r["world_size"] == 1 for r in records)
+    samples = [index for record in records for index in record["samples"]]  # log_samples is on in write_configs
+    assert len(samples) == 2 * GLOBAL_BATCH == len(set(samples))
+    assert complete_steps(run_dir) == [2] and (run_dir / "summary.json").is_file()
+    assert "training tiny (" in out
