@@ -28,8 +28,8 @@ class DataError(AmosError):
 
 
 class CheckpointError(AmosError, RuntimeError):
-    """A checkpoint could not be written (not bad input: the disk failed); the message names the file and what is
-    still intact."""
+    """A checkpoint could not be written, converted or loaded (not bad input: the disk or DeepSpeed failed); the
+    message names the file and what is still intact."""
 
     exit_code = 1
 

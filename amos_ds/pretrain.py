@@ -35,10 +35,13 @@ from amos_ds.train.checkpoint import (
     CHECKPOINTS,
     RUN_TOKENIZER,
     check_compatible,
+    check_free_space,
+    check_settings,
     find_resume,
     load_checkpoint,
     prepare_universal,
     restore_rng,
+    run_settings,
     save_checkpoint,
     seed_rng,
     tag_for,
@@ -52,6 +55,7 @@ from amos_ds.train.ds_config import (
     zero_stage,
 )
 from amos_ds.train.evaluate import evaluate, held_out_split
+from amos_ds.train.extension_lock import clear_stale_extension_locks
 from amos_ds.train.flops import device_peak_tflops, step_flops
 from amos_ds.train.health import collapse_warning
 from amos_ds.train.init_from import init_record, load_init, locate_init
@@ -59,6 +63,7 @@ from amos_ds.train.metrics import MetricsLog, average_over_ranks, memory_gib
 from amos_ds.train.model_inputs import model_inputs
 from amos_ds.train.nonfinite import NonFiniteGuard
 from amos_ds.train.param_groups import parameter_groups
+from amos_ds.train.run_lock import lock_run_dir
 from amos_ds.train.signals import StopSignal
 from amos_ds.train.summary import write_summary
 from amos_ds.train.train_config import TrainConfig, build_parser, load_train_config
@@ -96,6 +101,7 @@ def setup_distributed(collective_timeout_s: float = TrainConfig.collective_timeo
     # DeepSpeed's own groups (ZeRO's data-parallel group among them) come from dist.new_group() without a timeout,
     # which takes torch's module-wide default (30 min for gloo, 10 for NCCL), not the world group's.
     distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
+    clear_stale_extension_locks()  # DeepSpeed JIT-builds ops from here on; a killed build's lock would hang it
     deepspeed.init_distributed(timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
@@ -118,13 +124,23 @@ def should_compile(choice: str, device_type: str, stage: int) -> bool:
 
 
 def train(config: TrainConfig) -> int:
+    """The whole run, holding the run directory's lock (amos_ds/train/run_lock.py) from start to end."""
+    rank, world_size = setup_distributed(config.collective_timeout_s)
+    lock = lock_run_dir(Path(config.run_dir), rank)
+    try:
+        return train_locked(config, rank, world_size)
+    finally:
+        if lock:
+            lock.release()
+
+
+def train_locked(config: TrainConfig, rank: int, world_size: int) -> int:
     run_dir = Path(config.run_dir)
     ds_path = config.deepspeed_config_path()
     ds_file = load_ds_config(ds_path)
     max_steps = config.max_steps or scheduler_total_steps(ds_file)
     if not max_steps:
         raise ConfigError(f"--max-steps: not given, and {ds_path} has no scheduler total_num_steps to default to")
-    rank, world_size = setup_distributed(config.collective_timeout_s)
     grad_accum = gradient_accumulation(ds_file, world_size, ds_path)  # fails before any data or model work
     micro_batch, global_batch = ds_file["train_micro_batch_size_per_gpu"], ds_file["train_batch_size"]
 
@@ -140,8 +156,19 @@ def train(config: TrainConfig) -> int:
     # Where to continue from. Another world size or ZeRO stage goes through a universal checkpoint. Checked before
     # anything is written, so that a bad --resume leaves the disk as it was.
     resume = find_resume(run_dir, config.resume)
+    check_free_space(run_dir, resume)
+    changes = {}
     if resume:
         check_compatible(resume, dataset.tokenizer_hash, model_config.to_dict())
+        changes = check_settings(resume, run_settings(config.to_dict(), ds_file), config.allow_config_change)
+        if resume.step > max_steps:
+            raise ConfigError(f"--max-steps {max_steps}: {resume.path} is already at step {resume.step}; give a "
+                              "larger --max-steps to train further")
+        if resume.step == max_steps:
+            if rank == 0:
+                print(f"nothing to do: {resume.path} is at step {max_steps} = --max-steps; give a larger "
+                      "--max-steps to train further", flush=True)
+            return 0
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         copy_tokenizer(dataset.tokenizer_dir, run_dir / RUN_TOKENIZER)
@@ -181,12 +208,16 @@ def train(config: TrainConfig) -> int:
     info = {"world_size": world_size, "zero_stage": zero_stage(ds_file), "precision": precision(ds_config),
             "tokenizer_hash": dataset.tokenizer_hash, "code_version": code_version(),
             "model": model_config.to_dict(), "train": config.to_dict(), "deepspeed": ds_config,
-            "init_from": init_record(init) if init else None}
+            "init_from": init_record(init) if init else None,
+            "config_changes": (resume.meta.get("config_changes", []) if resume else []) +
+            ([{"step": resume.step, "changed": changes}] if changes else [])}
     flops_per_step = step_flops(model_config, config.seq_len, config.mask_prob, global_batch)
     peak_tflops = device_peak_tflops(engine.device, precision(ds_config))
     stop = StopSignal(engine.device)
     nonfinite = NonFiniteGuard(engine, ds_config, ds_path, config.max_nonfinite_steps)
     log = MetricsLog(run_dir, engine.monitor, engine.global_steps, enabled=rank == 0)
+    if changes:
+        log.note_config_change(changes)
     if rank == 0:
         print(f"training {config.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) "
               f"to step {max_steps} on {world_size} rank(s): batch {global_batch} = micro-batch {micro_batch} x "

@@ -4,19 +4,23 @@ that it ends with the weights of an uninterrupted run (fp32, same world size: bi
     python bench/faults.py                         # 20 trials, the four kinds in turn (about 30 min on 2 cores)
     python bench/faults.py --trials 40 --kinds save rank
 
-Kinds of fault, one per trial, at a moment drawn uniformly from the reference run's time between its first
-recorded step and its exit (so also during saves and the final one):
+Kinds of fault, one per trial, at a moment drawn as a step (uniformly from 1 to the last but one), then a delay
+within the reference run's mean step time (saves included) after that step is recorded:
     job      SIGKILL to every process of the job (a node lost, a preemption without notice)
     rank     SIGKILL to one rank; the deepspeed launcher then stops the others
     save     SIGKILL to the job while a checkpoint is being written (the step folder exists, amos_meta.json not yet)
     hang     SIGSTOP to one rank; the collective timeout ends the job (TrainConfig.collective_timeout_s)
-    corrupt  the job is killed after its first checkpoint, then one byte of the newest checkpoint's largest file
-             is flipped (the resume must warn and take the one before)
+    corrupt  the job is killed once it has two checkpoints, then one byte of the newest complete checkpoint's
+             largest file is flipped (the resume must warn and take the one before)
 
 After the fault the same command runs again at once on the same MASTER_PORT (what a preemption script does) with
 `--resume auto`, until the run is complete. Each trial reports the step reached, the checkpoint resumed from, the
-steps lost (trained but not in a checkpoint), the seconds from the fault to the job's exit, and whether the final
-weights equal the reference run's. The table goes to stdout, the records to OUT/faults.json.
+steps lost (trained but not in a checkpoint), the seconds from the fault to the job's exit, whether the recovery
+path ran (`recovered`: the job was restarted and resumed from a checkpoint before the end; for `corrupt`, the resume
+warned about the damaged checkpoint and took an older one) and whether the final weights equal the reference run's.
+A fault that lands after the run has saved its last checkpoint (only the exit was left) is not a trial: the moment
+is drawn again (up to REDRAWS times; the number of redraws is reported). The table goes to stdout, the records to
+OUT/faults.json.
 """
 
 import argparse
@@ -44,6 +48,7 @@ PRETRAIN = REPO / "amos_ds" / "pretrain.py"
 KINDS = ("job", "rank", "save", "hang", "corrupt")
 VOCAB, SEQ_LEN, GLOBAL_BATCH, MICRO_BATCH = 1024, 32, 8, 4
 TIMEOUT_S = 10  # collective timeout of the runs
+REDRAWS = 5  # fresh draws of a fault moment that fell after the run's end, before the trial is given up
 
 
 def write_configs(directory: Path, corpus: Path) -> list[str]:
@@ -116,12 +121,13 @@ def final_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=False)["module"]  # DeepSpeed's file: see RELIABILITY.md
 
 
-def inject(kind: str, job: Job, run_dir: Path, at_s: float, rng: random.Random) -> tuple[float | None, str]:
-    """Wait `at_s` seconds into training (or for a save, for `save`), inject the fault, return (time, detail)."""
-    while trained_steps(run_dir) == 0 and job.process.poll() is None:
-        time.sleep(0.02)
-    while kind == "corrupt" and not complete_steps(run_dir) and job.process.poll() is None:
-        time.sleep(0.02)  # something to corrupt
+def inject(kind: str, job: Job, run_dir: Path, at_step: int, delay_s: float,
+           rng: random.Random) -> tuple[float | None, str]:
+    """Wait until step `at_step` is recorded, then `delay_s` more (or for a save, for `save`), inject the fault;
+    return (time, detail)."""
+    while (trained_steps(run_dir) < at_step or (kind == "corrupt" and len(complete_steps(run_dir)) < 2)) and \
+            job.process.poll() is None:
+        time.sleep(0.01)  # corrupt: also a checkpoint to damage and an older one to fall back to
     started = time.monotonic()
     if kind == "save":
         target = max(complete_steps(run_dir), default=0) + 1
@@ -133,7 +139,7 @@ def inject(kind: str, job: Job, run_dir: Path, at_s: float, rng: random.Random) 
                 return time.monotonic(), f"killed while writing {writing[0].name}"
             time.sleep(0.001)
         return None, "the run ended before a save was caught"
-    while time.monotonic() - started < at_s and job.process.poll() is None:
+    while time.monotonic() - started < delay_s and job.process.poll() is None:
         time.sleep(0.01)
     if job.process.poll() is not None:
         return None, "the run ended before the fault"
@@ -185,6 +191,7 @@ def main() -> int:
     first_step = time.monotonic()
     code = job.wait(900)
     duration, training_s = time.monotonic() - started, time.monotonic() - first_step
+    step_s = training_s / args.steps
     if code != 0 or complete_steps(reference)[-1:] != [args.steps]:
         print(f"reference run failed (exit {code}); see {args.out / 'reference.log'}")
         return 1
@@ -192,21 +199,36 @@ def main() -> int:
     print(f"reference: {args.steps} steps in {duration:.0f} s ({training_s:.0f} s from the first step)", flush=True)
 
     records = []
-    header = f"{'trial':>5}  {'kind':<8} {'fault':<44} {'exit_s':>6} {'resumed':>7} {'lost':>4} {'runs':>4} equal"
+    header = (f"{'trial':>5}  {'kind':<8} {'fault':<44} {'exit_s':>6} {'resumed':>7} {'lost':>4} {'runs':>4} "
+              f"{'recovered':<9} equal")
     print(header, flush=True)
     for trial in range(args.trials):
         kind = args.kinds[trial % len(args.kinds)]
         run_dir = args.out / f"trial_{trial:03d}"
-        shutil.rmtree(run_dir, ignore_errors=True)
         port = free_port()  # one fixed port for the whole trial: every restart reuses it at once
         log = args.out / f"trial_{trial:03d}.log"
-        log.unlink(missing_ok=True)
-        job = Job(2, port, [*flags, "--run-dir", str(run_dir)], log)
-        injected, detail = inject(kind, job, run_dir, rng.uniform(0, training_s), rng)
-        job.wait(TIMEOUT_S + 120)
-        exit_s = time.monotonic() - injected if injected else None
+        redraws = -1
+        injected = None
+        while injected is None and redraws < REDRAWS:
+            redraws += 1
+            shutil.rmtree(run_dir, ignore_errors=True)
+            log.unlink(missing_ok=True)
+            job = Job(2, port, [*flags, "--run-dir", str(run_dir)], log)
+            # A step drawn uniformly, then a moment within that step's time (its saves included): the runs' speed
+            # varies with the machine's load, so a moment in seconds would often fall after the end.
+            injected, detail = inject(kind, job, run_dir, rng.randrange(1, args.steps), rng.uniform(0, step_s), rng)
+            job.wait(TIMEOUT_S + 120)
+            if injected and complete_steps(run_dir)[-1:] == [args.steps]:  # only the exit was left to interrupt
+                injected, detail = None, "the run had saved its last checkpoint before the fault"
+        if not injected:
+            print(f"{trial:>5}  {kind:<8} no fault landed before the run's end in {REDRAWS + 1} draws: not counted",
+                  flush=True)
+            records.append({"trial": trial, "kind": kind, "fault": detail, "redraws": redraws, "counted": False})
+            continue
+        exit_s = time.monotonic() - injected
         at_fault = trained_steps(run_dir)
-        if kind == "corrupt" and injected:
+        corrupted_step = complete_steps(run_dir)[-1] if kind == "corrupt" and complete_steps(run_dir) else None
+        if kind == "corrupt":
             detail += "; " + corrupt_newest(run_dir)
         runs, resumed_from, outputs = 1, None, ""
         while complete_steps(run_dir)[-1:] != [args.steps] and runs < 4:
@@ -221,27 +243,37 @@ def main() -> int:
         weights = final_weights(run_dir, args.steps) if complete else {}
         equal = complete and weights.keys() == expected.keys() and all(
             torch.equal(weights[name], expected[name]) for name in expected)
-        record = {"trial": trial, "kind": kind, "fault": detail, "exit_s": exit_s, "step_at_fault": at_fault,
-                  "resumed_from": resumed_from, "steps_lost": at_fault - resumed_from if resumed_from is not None
-                  else 0, "runs": runs, "complete": complete, "weights_equal": equal,
-                  "corruption_warned": "falling back to the previous complete checkpoint" in outputs}
+        warned = "falling back to the previous complete checkpoint" in outputs
+        recovered = complete and runs > 1 and resumed_from is not None and resumed_from < args.steps and (
+            kind != "corrupt" or (warned and corrupted_step is not None and resumed_from < corrupted_step))
+        record = {"trial": trial, "kind": kind, "fault": detail, "redraws": redraws, "counted": True,
+                  "exit_s": exit_s, "step_at_fault": at_fault, "resumed_from": resumed_from,
+                  "steps_lost": at_fault - resumed_from if resumed_from is not None else 0, "runs": runs,
+                  "complete": complete, "weights_equal": equal, "corrupted_step": corrupted_step,
+                  "corruption_warned": warned, "recovered": recovered}
         records.append(record)
         (args.out / "faults.json").write_text(json.dumps(records, indent=1))
-        print(f"{trial:>5}  {kind:<8} {detail[:44]:<44} {f'{exit_s:.1f}' if exit_s else '-':>6} "
-              f"{resumed_from if resumed_from is not None else '-':>7} {record['steps_lost']:>4} {runs:>4} {equal}",
-              flush=True)
+        print(f"{trial:>5}  {kind:<8} {detail[:44]:<44} {exit_s:>6.1f} "
+              f"{resumed_from if resumed_from is not None else '-':>7} {record['steps_lost']:>4} {runs:>4} "
+              f"{str(recovered):<9} {equal}", flush=True)
         if equal:
             shutil.rmtree(run_dir)
 
-    injected = [r for r in records if r["exit_s"] is not None or r["kind"] == "save"]
-    print(f"\n{sum(r['weights_equal'] for r in records)}/{len(records)} trials ended with the reference weights; "
-          f"{len(injected)} faults injected; most steps lost {max((r['steps_lost'] for r in records), default=0)} "
+    counted = [r for r in records if r["counted"]]
+    print(f"\n{len(counted)} faults injected ({len(records) - len(counted)} trials without one, "
+          f"{sum(r['redraws'] for r in records)} moments redrawn); {sum(r['weights_equal'] for r in counted)} ended "
+          f"with the reference weights; {sum(r['recovered'] for r in counted)} went through their recovery path; "
+          f"most steps lost {max((r['steps_lost'] for r in counted), default=0)} "
           f"(checkpoint interval {args.save_every})")
+    print("\nkind      trials  recovered  weights equal  fault to job exit median / max (s)  most steps lost")
     for kind in args.kinds:
-        times = [r["exit_s"] for r in records if r["kind"] == kind and r["exit_s"] is not None]
-        if times:
-            print(f"{kind:<8} fault to job exit: median {sorted(times)[len(times) // 2]:.1f} s, max {max(times):.1f} s")
-    return 0 if all(r["weights_equal"] for r in records) else 1
+        mine = [r for r in counted if r["kind"] == kind]
+        if mine:
+            times = sorted(r["exit_s"] for r in mine)
+            print(f"{kind:<8}  {len(mine):>6}  {sum(r['recovered'] for r in mine):>9}  "
+                  f"{sum(r['weights_equal'] for r in mine):>13}  {times[len(times) // 2]:>17.1f} / {times[-1]:<14.1f}  "
+                  f"{max(r['steps_lost'] for r in mine):>15}")
+    return 0 if counted and all(r["weights_equal"] and r["recovered"] for r in counted) else 1
 
 
 if __name__ == "__main__":

@@ -290,10 +290,10 @@ def converted(release, tmp_path_factory, one_process_group) -> Path:
 
 
 def test_convert_writes_a_checkpoint_every_reader_accepts(release, converted):
-    from amos_ds.train.checkpoint import META, newest_checkpoint, verify_checkpoint
+    from amos_ds.train.checkpoint import META, verified_checkpoint
 
-    tag = newest_checkpoint(converted)
-    assert tag == converted / "checkpoints" / "step_00000000" and verify_checkpoint(tag) is None
+    tag = verified_checkpoint(converted, "--init-from")
+    assert tag == converted / "checkpoints" / "step_00000000"
     meta = json.loads((tag / META).read_text())
     tokenizer = load_tokenizer(release)
     assert meta["tokenizer_hash"] == tokenizer.hash and meta["files"]

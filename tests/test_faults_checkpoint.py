@@ -187,9 +187,56 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_exits_non_zero(tmp_path
     assert result.returncode == 1, result.stderr[-3000:]
     assert len(errors) == 1 and errors[0].startswith(f"error: saving checkpoint {run_dir}/checkpoints/step_00000006 "
                                                      f"failed: {run_dir}/checkpoints/step_00000006"), errors
-    assert errors[0].endswith("; the previous complete checkpoint "
+    assert errors[0].endswith("; removed the partial step_00000006, and the previous complete checkpoint "
                               f"({run_dir}/checkpoints/step_00000004) is intact: free space or fix the disk, then "
                               "resume with --resume auto"), errors
     assert {p: p.read_bytes() for p in before} == before
+    assert not (run_dir / "checkpoints/step_00000006").exists()
     assert (run_dir / "checkpoints/latest").read_text() == "step_00000004"
     assert checkpoint.find_resume(run_dir, "auto").step == 4
+
+
+def damaged_run(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A run directory whose newest checkpoint has one flipped byte: (run directory, intact, damaged file)."""
+    run_dir = tmp_path / "run"
+    intact = hashed_checkpoint(run_dir, 100)
+    bad = hashed_checkpoint(run_dir, 200) / "mp_rank_00_model_states.pt"
+    flip_one_byte(bad)
+    return run_dir, intact, bad
+
+
+def refused_damaged(bad: Path) -> str:
+    return (f"amos-ds: error: --pretrained {bad.parent}: {bad} does not match the SHA-256 recorded when it was saved "
+            "(corrupted); give another checkpoint, or its run directory (which falls back to the newest intact one)")
+
+
+def test_finetune_refuses_a_flipped_byte_and_falls_back_from_a_run_directory(tmp_path, capsys):
+    """Every reader of checkpoints verifies them (checkpoint.verified_checkpoint), as the trainer's resume does."""
+    from amos_ds.cli import main as cli_main
+    from amos_ds.finetune.pretrained import locate_checkpoint
+
+    run_dir, intact, bad = damaged_run(tmp_path)
+    task = tmp_path / "task"
+    task.mkdir()
+    for split in ("train", "dev", "test"):
+        (task / f"{split}.tsv").write_text("label\tsentence\n1\tgood\n0\tbad\n")
+    capsys.readouterr()
+    assert cli_main(["finetune", "--pretrained", str(bad.parent), "--task-dir", str(task), "--output",
+                     str(tmp_path / "ft")]) == 2
+    assert capsys.readouterr().err.splitlines() == [refused_damaged(bad)]
+    assert not (tmp_path / "ft").exists()
+
+    assert locate_checkpoint(run_dir).path == intact
+    assert capsys.readouterr().err == (f"warning: --pretrained {run_dir}: {bad} does not match the SHA-256 recorded "
+                                       "when it was saved (corrupted); falling back to the previous complete "
+                                       "checkpoint\n")
+
+
+def test_export_refuses_a_flipped_byte(tmp_path, capsys):
+    from amos_ds.cli import main as cli_main
+
+    _, _, bad = damaged_run(tmp_path)
+    capsys.readouterr()
+    assert cli_main(["export", str(bad.parent), str(tmp_path / "hf")]) == 2
+    assert capsys.readouterr().err.splitlines() == [refused_damaged(bad)]
+    assert not (tmp_path / "hf").exists()

@@ -375,3 +375,13 @@ def test_glue_metrics_match_hand_computed_values():
     assert metrics.ranks([1, 2, 2, 3, 5]) == [1, 2.5, 2.5, 4, 5]
     assert metrics.spearman([1, 2, 2, 3, 5], [2, 1, 4, 4, 3]) == pytest.approx(3.75 / 9.5)
     assert metrics.pearson([1, 1, 1], [1, 2, 3]) == 0.0
+
+
+def test_a_file_that_is_not_a_state_dict_is_refused_with_its_cause(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(get_preset("tiny", vocab_size=400).to_dict()))
+    (tmp_path / "model.pt").write_bytes(b"not a zip archive")
+    with pytest.raises(ConfigError) as raised:
+        load_weights(locate_checkpoint(tmp_path / "model.pt", str(tmp_path / "config.json")))
+    assert str(raised.value).startswith(f"--pretrained {tmp_path / 'model.pt'}: not a torch.save'd state dict "
+                                        "(UnpicklingError: ")
+    assert raised.value.__cause__ is not None

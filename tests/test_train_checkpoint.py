@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ def test_resume_auto_takes_the_newest_complete_checkpoint(tmp_path):
     point = checkpoint.find_resume(tmp_path, "auto")
     assert (point.path, point.step) == (newest, 100_000_000)
     assert checkpoint.find_resume(tmp_path, str(tmp_path)).path == newest
-    assert checkpoint.newest_checkpoint(tmp_path / "checkpoints") == newest
+    assert checkpoint.verified_checkpoint(tmp_path / "checkpoints", "--pretrained") == newest
     with pytest.raises(ConfigError, match="no complete checkpoint there"):
         checkpoint.find_resume(tmp_path, str(tmp_path / "checkpoints" / "step_00000300"))
 
@@ -206,7 +207,7 @@ def test_a_failed_universal_conversion_is_one_error_with_the_converters_last_lin
     os.set_blocking(read_end, False)
     with open(write_end, "w") as pipe, monkeypatch.context() as patch:
         patch.setattr(sys, "stdout", pipe)
-        with pytest.raises(RuntimeError) as raised:
+        with pytest.raises(CheckpointError) as raised:
             checkpoint.prepare_universal(point)
         printed = unread(read_end)  # before the pipe's close flushes it
     os.close(read_end)
@@ -215,7 +216,7 @@ def test_a_failed_universal_conversion_is_one_error_with_the_converters_last_lin
     assert printed.startswith(f"converting {path} for world size 1: {sys.executable} -m deepspeed")
     assert not (path / "universal").exists()
     monkeypatch.setattr(sys, "executable", shutil.which("false"))  # a converter that dies without a word (OOM-killed)
-    with pytest.raises(RuntimeError) as raised:
+    with pytest.raises(CheckpointError) as raised:
         checkpoint.prepare_universal(point)
     assert str(raised.value) == f"converting {path} to a universal checkpoint failed: ?"
 
@@ -248,13 +249,14 @@ def test_a_failed_save_marks_nothing_and_names_what_is_intact(tmp_path, one_proc
         patch.setattr(checkpoint, "fsync", fsync_failing_on_the_model_file)
         with pytest.raises(CheckpointError) as raised:
             checkpoint.save_checkpoint(engine, tmp_path, 1, info, {}, keep_last=2)
-    assert str(raised.value) == (f"saving checkpoint {first} failed: {model_file}: Input/output error; the previous "
-                                 "complete checkpoint (none) is intact: free space or fix the disk, then resume with "
-                                 "--resume auto")
-    assert model_file.exists() and not (first / checkpoint.META).exists()  # written, never marked complete
+    assert str(raised.value) == (f"saving checkpoint {first} failed: {model_file}: Input/output error; removed the "
+                                 "partial step_00000001, and the previous complete checkpoint (none) is intact: free "
+                                 "space or fix the disk, then resume with --resume auto")
+    assert not first.exists()  # the partial folder is gone: freeing space is all a user must do
     assert not (checkpoints / "latest").exists()
 
-    (first / "stale").write_text("from the failed save")
+    first.mkdir()
+    (first / "stale").write_text("a leftover of a run killed while saving")
     checkpoint.save_checkpoint(engine, tmp_path, 1, info, {}, keep_last=2)
     assert sorted(json.loads((first / checkpoint.META).read_text())[checkpoint.FILES]) == [
         "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]  # the leftover was removed
@@ -270,7 +272,106 @@ def test_a_failed_save_marks_nothing_and_names_what_is_intact(tmp_path, one_proc
     second = checkpoints / "step_00000002"
     first_path, second_path = re.escape(str(first)), re.escape(str(second))
     assert re.fullmatch(rf"saving checkpoint {second_path} failed: {second_path}: a write failed \(\[enforce fail at "
-                        rf"[^\n]+\); the previous complete checkpoint \({first_path}\) is intact: free space or fix "
-                        r"the disk, then resume with --resume auto", str(raised.value)), raised.value
+                        rf"[^\n]+\); removed the partial step_00000002, and the previous complete checkpoint "
+                        rf"\({first_path}\) is intact: free space or fix the disk, then resume with --resume auto",
+                        str(raised.value)), raised.value
+    assert not second.exists()
     assert (checkpoints / "latest").read_text() == first.name
     assert checkpoint.find_resume(tmp_path, "auto").path == first
+
+
+def test_a_bug_while_saving_keeps_its_traceback_and_is_not_called_a_disk_error(tmp_path, one_process_group,
+                                                                              monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    engine = linear_engine()
+
+    def buggy_hash(file: Path) -> str:
+        raise RuntimeError("a bug in the hashing")
+
+    monkeypatch.setattr(checkpoint, "_sha256", buggy_hash)
+    with pytest.raises(RuntimeError) as raised:
+        checkpoint.save_checkpoint(engine, tmp_path, 1, {"world_size": 1, "zero_stage": 1}, {}, keep_last=2)
+    assert type(raised.value) is RuntimeError and str(raised.value) == "a bug in the hashing"
+    assert any(frame.name == "buggy_hash" for frame in traceback.extract_tb(raised.tb))
+    assert not (tmp_path / "checkpoints" / "step_00000001").exists()
+
+
+DS_CONFIG = {"train_batch_size": 64, "train_micro_batch_size_per_gpu": 8, "gradient_clipping": 1.0,
+             "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.98], "weight_decay": 0.01}},
+             "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 10, "warmup_max_lr": 1e-3,
+                                                               "total_num_steps": 100}},
+             "bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}
+# One change of every kind that alters the run, and the one-line name it is reported under.
+DRIFT = [
+    ({"seq_len": 64}, {}, "train.seq_len: 128 -> 64"),
+    ({"mask_prob": 0.2}, {}, "train.mask_prob: 0.15 -> 0.2"),
+    ({"mask_split": (0.8, 0.1, 0.1)}, {}, "train.mask_split: [1.0, 0.0, 0.0] -> [0.8, 0.1, 0.1]"),
+    ({"seed": 7}, {}, "train.seed: 1234 -> 7"),
+    ({"data": ["corpus_b"]}, {}, "train.data: ['corpus_a'] -> ['corpus_b']"),
+    ({"data": ["corpus_a:2"]}, {}, "train.data: ['corpus_a'] -> ['corpus_a:2']"),
+    ({"builtin_vocab_size": 4096}, {}, "train.builtin_vocab_size: 8192 -> 4096"),
+    ({"ablation": "adv_mlm"}, {}, "train.ablation: None -> 'adv_mlm'"),
+    ({"fp32": True}, {}, "deepspeed.precision: 'bf16' -> 'fp32'"),
+    ({}, {"train_batch_size": 128}, "deepspeed.train_batch_size: 64 -> 128"),
+    ({}, {"gradient_clipping": 2.0}, "deepspeed.gradient_clipping: 1.0 -> 2.0"),
+    ({}, {"optimizer": {"type": "AdamW", "params": {"lr": 2e-3, "betas": [0.9, 0.98], "weight_decay": 0.01}}},
+     "deepspeed.optimizer.params.lr: 0.001 -> 0.002"),
+    ({}, {"optimizer": {"type": "Lamb", "params": {"lr": 1e-3, "betas": [0.9, 0.98], "weight_decay": 0.01}}},
+     "deepspeed.optimizer.type: 'AdamW' -> 'Lamb'"),
+    ({}, {"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 20, "warmup_max_lr": 1e-3,
+                                                            "total_num_steps": 100}}},
+     "deepspeed.scheduler.params.warmup_num_steps: 10 -> 20"),
+    ({}, {"bf16": {"enabled": False}, "fp16": {"enabled": True}}, "deepspeed.precision: 'bf16' -> 'fp16'"),
+    ({}, {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.98], "weight_decay": 0.01,
+                                                    "eps": 1e-6}}}, "deepspeed.optimizer.params.eps: None -> 1e-06"),
+    ({"eval_batches": 4}, {}, "train.eval_batches: 8 -> 4"),
+    ({"eval_data": ["held_out"]}, {}, "train.eval_data: [] -> ['held_out']"),
+]
+
+
+def drift_point(tmp_path) -> checkpoint.ResumePoint:
+    from amos_ds.train.train_config import TrainConfig
+
+    train = TrainConfig(data=["corpus_a"]).to_dict()
+    derived = {**DS_CONFIG, "gradient_accumulation_steps": 1, "tensorboard": {"output_path": "old"}}
+    return checkpoint.ResumePoint(tmp_path, {"step": 10, "train": json.loads(json.dumps(train)),
+                                             "deepspeed": derived})
+
+
+@pytest.mark.parametrize("train_change, ds_change, reported", DRIFT, ids=[d[2].split(":")[0] for d in DRIFT])
+def test_resume_refuses_every_setting_that_alters_the_run(tmp_path, train_change, ds_change, reported):
+    from amos_ds.train.train_config import TrainConfig
+
+    point = drift_point(tmp_path)
+    settings = checkpoint.run_settings(TrainConfig(**{"data": ["corpus_a"], **train_change}).to_dict(),
+                                       {**DS_CONFIG, **ds_change})
+    with pytest.raises(ConfigError) as raised:
+        checkpoint.check_settings(point, settings, allow_change=False)
+    assert str(raised.value) == (f"--resume {tmp_path}: 1 setting(s) differ from the checkpoint's ({reported}); "
+                                 "restore them, pass --allow-config-change to continue with the change recorded, or "
+                                 "use another --run-dir")
+    assert list(checkpoint.check_settings(point, settings, allow_change=True)) == [reported.split(": ")[0]]
+
+
+def test_resume_accepts_what_does_not_alter_the_run_and_lists_every_change(tmp_path):
+    from amos_ds.train.train_config import TrainConfig
+
+    point = drift_point(tmp_path)
+    same = TrainConfig(data=["corpus_a"], num_workers=7, save_every=3, keep_last=9, max_steps=500, log_every=5,
+                       run_dir="elsewhere", resume="none", compile="off", builtin_cache="/other",
+                       collective_timeout_s=5.0, max_nonfinite_steps=2, plot=False, allow_config_change=True)
+    other_layout = {**DS_CONFIG, "train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
+                    "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 10,
+                                                                      "warmup_max_lr": 1e-3, "total_num_steps": 500}}}
+    assert checkpoint.check_settings(point, checkpoint.run_settings(same.to_dict(), other_layout), False) == {}
+    two = checkpoint.run_settings(TrainConfig(data=["corpus_a"], seq_len=64, seed=1).to_dict(), DS_CONFIG)
+    with pytest.raises(ConfigError, match=r"2 setting\(s\) differ .* \(train.seed: 1234 -> 1, train.seq_len: 128 "
+                                          r"-> 64\)"):
+        checkpoint.check_settings(point, two, allow_change=False)
+    assert checkpoint.check_settings(point, two, allow_change=True) == {"train.seed": [1234, 1],
+                                                                          "train.seq_len": [128, 64]}
+    del point.meta["train"]["eval_batches"]  # a checkpoint from before that field existed
+    assert checkpoint.check_settings(point, checkpoint.run_settings(TrainConfig(data=["corpus_a"], eval_batches=2)
+                                                                     .to_dict(), DS_CONFIG), False) == {}
+    point.meta.pop("train")  # a checkpoint from before settings were recorded
+    assert checkpoint.check_settings(point, two, allow_change=False) == {}

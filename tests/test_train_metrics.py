@@ -90,3 +90,46 @@ def test_read_metrics_skips_blank_lines_and_a_missing_file(tmp_path):
 def test_cpu_memory_is_the_peak_resident_size_in_gib():
     peak_kib = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
     assert memory_gib(torch.device("cpu")) == pytest.approx(peak_kib / 2**20, rel=0.05)
+
+
+def test_a_torn_last_line_is_dropped_with_a_warning_on_resume(one_process_group, tmp_path, capsys, monkeypatch):
+    """A full disk or a power cut while a record was appended leaves part of a line: the resume drops it."""
+    path = tmp_path / METRICS_FILE
+    whole = "".join(f'{{"step": {step}, "loss": {step}.0}}\n' for step in (1, 2))
+    path.write_text(whole + '{"step": 3, "lo')
+    monitor = type("Monitor", (), {"enabled": False})()
+    log = MetricsLog(tmp_path, monitor, resume_step=2, enabled=True)
+    log.close()
+    assert path.read_text() == whole
+    assert capsys.readouterr().err == (f"warning: {path}: dropped its last line, a record cut short while it was "
+                                       "written ('{\"step\": 3, \"lo')\n")
+
+    # The rewrite is atomic: a failure while writing leaves the old file whole.
+    path.write_text(whole + '{"step": 3, "lo')
+    monkeypatch.setattr(os, "replace", lambda *args: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError):
+        MetricsLog(tmp_path, monitor, resume_step=2, enabled=True)
+    assert path.read_text() == whole + '{"step": 3, "lo'
+
+
+def test_a_damaged_line_before_the_last_is_an_error_naming_it(tmp_path):
+    from amos_ds.errors import ConfigError
+
+    (tmp_path / METRICS_FILE).write_text('{"step": 1}\n{"st\x00\n{"step": 3}\n')
+    with pytest.raises(ConfigError, match=f"{tmp_path / METRICS_FILE} line 2: not a JSON record; restore the file or "
+                                          "delete that line"):
+        read_metrics(tmp_path)
+
+
+def test_a_config_change_is_warned_and_recorded_in_the_next_record(tmp_path, capsys):
+    monitor = type("Monitor", (), {"enabled": False})()
+    log = MetricsLog(tmp_path, monitor, resume_step=0, enabled=True)
+    log.note_config_change({"deepspeed.optimizer.params.lr": [0.001, 0.002]})
+    assert capsys.readouterr().err == ('warning: resuming with changed settings, recorded in metrics.jsonl: '
+                                       '{"deepspeed.optimizer.params.lr": [0.001, 0.002]}\n')
+    for step in (1, 2):
+        log.log({**RECORD, "step": step}, max_steps=2)
+    log.close()
+    records = read_metrics(tmp_path)
+    assert records[0]["config_change"] == {"deepspeed.optimizer.params.lr": [0.001, 0.002]}
+    assert "config_change" not in records[1]

@@ -59,6 +59,15 @@ def test_plot_of_a_directory_without_metrics_is_one_line(tmp_path, capsys):
                                       "is it a run directory?\n"
 
 
+def test_plot_skips_a_torn_last_line(tmp_path, capsys):
+    record = {"step": 1, "loss": 40.0, "mlm_loss": 20.0, "rtd_loss": 0.4, "mlm_loss_L2": 7.0, "mix_weight_L2": 1.0,
+              "disc_acc_replaced": 0.3, "disc_acc_original": 0.9, "tokens_per_s": 1e4, "mfu": None}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(record) + "\n" + json.dumps({**record, "step": 2})[:30])
+    assert main(["plot", str(tmp_path)]) == 0
+    assert "dropped its last line, a record cut short" in capsys.readouterr().err
+    assert (tmp_path / "plots" / "losses.png").is_file()
+
+
 def test_plot_draws_the_held_out_curves_beside_the_training_ones(tmp_path, capsys, drawn):
     records = [{"step": step, "loss": 30.0, "mlm_loss": 20.0, "rtd_loss": 0.4, "rtd_loss_constant": 0.42,
                 "mlm_loss_L2": 7.0, "mix_weight_L2": 1.0, "disc_acc_replaced": 0.1, "disc_acc_original": 0.9,

@@ -34,10 +34,12 @@ def preprocess_command(args: argparse.Namespace) -> int:
 def inspect_command(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from amos_ds.data.dataset import Corpus
+    from amos_ds.data.dataset import MIN_SEQ_LEN, Corpus
     from amos_ds.data.loader import DataConfig, MaskedBatches, open_corpora
     from amos_ds.data.tokenizer import load_tokenizer
 
+    if args.seq_len < MIN_SEQ_LEN:
+        raise DataError(f"--seq-len must be at least {MIN_SEQ_LEN}, got {args.seq_len}")
     corpus = Corpus(args.dir)
     print(f"{args.dir}: tokenizer {corpus.tokenizer_hash}, vocabulary {corpus.vocab_size}, "
           f"{corpus.manifest['documents']:,} documents, {corpus.num_tokens:,} tokens, "

@@ -94,12 +94,15 @@ def parse_spec(spec: str) -> tuple[str, float | None]:
     return spec, None
 
 
+MIN_SEQ_LEN = 8  # [CLS], [SEP] and room for masked tokens
+
+
 class PackedDataset:
     """Blended, packed samples: `len()` per epoch, `ds[i]` an int64 array of at most `seq_len` tokens."""
 
     def __init__(self, corpora: list[Corpus], weights: list[float] | None, seq_len: int, seed: int):
-        if seq_len < 8:
-            raise DataError(f"seq_len {seq_len} is too short: use at least 8")
+        if seq_len < MIN_SEQ_LEN:
+            raise DataError(f"seq_len {seq_len} is too short: use at least {MIN_SEQ_LEN}")
         self.corpora = corpora
         self.seq_len = seq_len
         self.seed = seed

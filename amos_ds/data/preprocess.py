@@ -128,9 +128,18 @@ def _finished_shard(output: Path, number: int, tokenizer_hash: str) -> dict | No
             "sha256": shard.bin_sha256.hex()}
 
 
+# --shard-mb's range: smaller shards turn one corpus into tens of thousands of files; larger ones, into one that
+# no reader maps comfortably.
+MIN_SHARD_MB, MAX_SHARD_MB = 0.01, 65536
+
+
 def preprocess(inputs: list[str], tokenizer_dir: str, output: str, workers: int = 1, shard_mb: float = 64.0,
                batch_mb: float = 1.0, text_field: str = "text", progress: bool = True) -> dict:
     """Tokenize `inputs` into shards under `output`; returns the manifest (also written to output/manifest.json)."""
+    if workers < 1:
+        raise DataError(f"--workers must be at least 1, got {workers}")
+    if not MIN_SHARD_MB <= shard_mb <= MAX_SHARD_MB:  # also refuses NaN
+        raise DataError(f"--shard-mb must be in [{MIN_SHARD_MB}, {MAX_SHARD_MB}], got {shard_mb}")
     files = expand_inputs(inputs)
     tokenizer = load_tokenizer(tokenizer_dir)
     batch_mb = min(batch_mb, shard_mb)
@@ -140,7 +149,7 @@ def preprocess(inputs: list[str], tokenizer_dir: str, output: str, workers: int 
         return json.loads((out / MANIFEST).read_text())
     if (out / PLAN).exists() and json.loads((out / PLAN).read_text()) != plan:
         raise DataError(f"{out}: holds shards of other inputs, tokenizer or settings; use a new --output or delete it")
-    if out.exists() and not (out / PLAN).exists() and any(out.iterdir()):
+    if out.exists() and not (out / PLAN).exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out}: exists and is not an amos-ds shard folder; use a new --output")
     created = not out.exists()
     try:

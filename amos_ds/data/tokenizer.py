@@ -156,6 +156,8 @@ def train_tokenizer(inputs: list[str], vocab_size: int, output: str, lowercase: 
         raise DataError(f"--vocab-size {vocab_size} is too small: use at least {MIN_VOCAB_SIZE}")
     if vocab_size > 1 << 32:
         raise DataError(f"--vocab-size {vocab_size} does not fit uint32 token ids")
+    if max_sentences < 1:
+        raise DataError(f"--max-sentences must be at least 1, got {max_sentences}")
     files = expand_inputs(inputs)
     stats = SourceStats()
     lines = _training_lines(iter_sources(files, stats))

@@ -23,7 +23,7 @@ from amos_ds.data.tokenizer import SentencepieceTokenizer, load_tokenizer
 from amos_ds.errors import ConfigError, DataError
 from amos_ds.export.amos_release import is_release_folder, read_release
 from amos_ds.model import AMOSModel, Encoder
-from amos_ds.train.checkpoint import META, RUN_TOKENIZER, newest_checkpoint
+from amos_ds.train.checkpoint import META, RUN_TOKENIZER, verified_checkpoint
 
 KEPT_KEYS = ("token_embedding", "discriminator.")  # AMOSModel state-dict keys the encoder keeps (prefixes)
 GENERATOR_KEYS = ("generators.0.", "mlm_head.")  # and those of the (one, shared) generator with its MLM head
@@ -58,9 +58,11 @@ class Checkpoint:
     state: dict[str, torch.Tensor] | None = None  # the encoder's entries (see encoder_state), once loaded
 
 
-def locate_checkpoint(path: str | os.PathLike, model_config: str | None = None) -> Checkpoint:
-    """The model config and metadata of a DeepSpeed checkpoint or a state-dict file, without reading the weights:
-    enough to check a tokenizer before the (slow, for ZeRO-3) merge."""
+def locate_checkpoint(path: str | os.PathLike, model_config: str | None = None,
+                      flag: str = "--pretrained") -> Checkpoint:
+    """The model config and metadata of a DeepSpeed checkpoint (its files verified against their recorded hashes) or
+    a state-dict file, without reading the weights: enough to check a tokenizer before the (slow, for ZeRO-3) merge.
+    `flag` names the option in the messages of the verification."""
     path = Path(path)
     if path.is_file():
         if not model_config:
@@ -68,10 +70,7 @@ def locate_checkpoint(path: str | os.PathLike, model_config: str | None = None) 
         return Checkpoint(_read_model_config(Path(model_config)), {}, path)
     if not path.is_dir():
         raise ConfigError(f"--pretrained {path}: no such file or folder; give a checkpoint, a run directory or 'none'")
-    tag = newest_checkpoint(path)
-    if tag is None:
-        raise ConfigError(f"--pretrained {path}: no complete checkpoint there; give a checkpoints/step_* folder with "
-                          f"{META}, a run directory, a state-dict file with --model-config, or 'none'")
+    tag = verified_checkpoint(path, flag)
     meta = json.loads((tag / META).read_text())
     return Checkpoint(_model_config(meta["model"], tag / META), meta, tag)
 
@@ -88,8 +87,9 @@ def load_weights(checkpoint: Checkpoint, with_generator: bool = False, everythin
         try:
             state = torch.load(checkpoint.path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises many types for a file that is not a state dict
+            cause = str(err).strip().splitlines()
             raise ConfigError(f"--pretrained {checkpoint.path}: not a torch.save'd state dict "
-                              f"({type(err).__name__})") from None
+                              f"({type(err).__name__}: {cause[0] if cause else 'no message'})") from err
     kept = KEPT_KEYS + GENERATOR_KEYS if with_generator else KEPT_KEYS
     checkpoint.state = {name: tensor for name, tensor in state.items() if everything or name.startswith(kept)}
     return checkpoint

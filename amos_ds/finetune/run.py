@@ -62,6 +62,8 @@ class FinetuneConfig:
             raise ConfigError(f"--max-len must leave room for [CLS] and two [SEP], got {self.max_len}")
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError(f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"--weight-decay must be at least 0, got {self.weight_decay}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not self.seeds:

@@ -2,7 +2,10 @@
 
 train_config  the run's settings (TrainConfig) and pretrain.py's flags
 ds_config     the DeepSpeed config file, and what a launch derives from it (batch split, schedule end, precision)
-checkpoint    complete-or-absent checkpoints, keep-last-K, resume at any world size (universal checkpoints)
+checkpoint    complete-or-absent checkpoints, keep-last-K, resume at any world size (universal checkpoints),
+              verified_checkpoint (what every reader calls), the settings a resume must keep
+run_lock      one job per run directory: RUN_DIR/run.lock, renewed while the job runs, taken over when stale
+extension_lock  stale locks of killed JIT builds of DeepSpeed ops, removed at start
 signals       SIGTERM/SIGUSR1: save, then exit 0
 metrics       metrics.jsonl, TensorBoard through DeepSpeed's monitor, the console line
 flops         the FLOP count of one AMOS step, and MFU

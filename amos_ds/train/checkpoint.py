@@ -43,16 +43,22 @@ from deepspeed.utils.tensor_fragment import fragment_address
 
 from amos_ds.atomic import fsync, publish, write_atomically
 from amos_ds.errors import CheckpointError, ConfigError
+from amos_ds.train.ds_config import precision
 
 CHECKPOINTS = "checkpoints"
 META = "amos_meta.json"
 FILES = "files"  # amos_meta.json's {file name: {"bytes": size, "sha256": hex digest}} of the files the save wrote
 LATEST = "latest"
 UNIVERSAL = "universal"
+MIN_FREE_BYTES = 64 * 2**20  # a start needs room for the tokenizer copy, logs and a small checkpoint at least
 RUN_TOKENIZER = "tokenizer"  # RUN_DIR/tokenizer: a copy of the data's tokenizer, so a run directory stands alone
 _TAG = re.compile(r"step_(\d+)")
 # ModelConfig fields that choose how, not what, the model computes: free to change on resume (e.g. CPU -> GPU).
 IMPLEMENTATION_FIELDS = {"vocab_impl", "attention_impl"}
+
+
+# How torch.save's C++ zip writer reports a write the disk refused (it raises RuntimeError, not OSError).
+TORCH_WRITE_FAILED = re.compile(r"inline_container|PytorchStreamWriter|file write failed")
 
 
 def tag_for(step: int) -> str:
@@ -92,26 +98,46 @@ def find_resume(run_dir: Path, resume: str) -> ResumePoint | None:
     are checked by the ranks together."""
     ours = complete_checkpoints(run_dir / CHECKPOINTS)
     if resume == "auto":
-        for path in reversed(ours):
-            problem = verify_checkpoint(path)
-            if problem is None:
-                return _resume_point(path)
-            _warn(f"warning: --resume auto: {problem}; falling back to the previous complete checkpoint")
-        if ours:
-            raise ConfigError(f"--resume auto: none of the {len(ours)} complete checkpoints in {run_dir / CHECKPOINTS}"
-                              " matches its recorded hashes (see the warnings above); restore one, or start another"
-                              " --run-dir with --resume none")
-        return None
-    point = None if resume == "none" else _explicit_resume_point(resume)
+        return _resume_point(_newest_intact(ours, "--resume auto", run_dir / CHECKPOINTS)) if ours else None
+    point = None if resume == "none" else _resume_point(verified_checkpoint(resume, "--resume"))
     if ours and (point is None or _step_of(ours[-1]) > point.step):
         raise ConfigError(f"--resume {resume}: --run-dir {run_dir} already holds checkpoints up to step "
                           f"{_step_of(ours[-1])}, which this run would overwrite; use --resume auto to continue it, "
                           "or another --run-dir")
-    if point is not None:
-        problem = verify_checkpoint(point.path)
-        if problem is not None:
-            raise ConfigError(f"--resume {resume}: {problem}; give another checkpoint, or --resume auto")
     return point
+
+
+def verified_checkpoint(source: Path | str, flag: str) -> Path:
+    """The checkpoint `source` names, with its files checked against the hashes recorded when it was saved: what
+    every reader of checkpoints (resume, export, finetune, initialising from one) calls first.
+
+    A tag folder (RUN_DIR/checkpoints/step_*) must be intact, else a ConfigError names the damaged file; a run
+    directory or checkpoints folder gives its newest intact checkpoint, skipping damaged ones with a warning each,
+    as `--resume auto` does. `flag` names the option in the messages. In a process group, call it on every rank:
+    the ranks share the hashing."""
+    source = Path(source)
+    if (source / META).is_file():
+        problem = verify_checkpoint(source)
+        if problem is not None:
+            raise ConfigError(f"{flag} {source}: {problem}; give another checkpoint, or its run directory (which "
+                              "falls back to the newest intact one)")
+        return source
+    for folder in (source / CHECKPOINTS, source):
+        found = complete_checkpoints(folder)
+        if found:
+            return _newest_intact(found, f"{flag} {source}", folder)
+    raise ConfigError(f"{flag} {source}: no complete checkpoint there (give a checkpoints/step_* folder with {META} "
+                      "or a run directory)")
+
+
+def _newest_intact(tags: list[Path], what: str, folder: Path) -> Path:
+    for path in reversed(tags):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        _warn(f"warning: {what}: {problem}; falling back to the previous complete checkpoint")
+    raise ConfigError(f"{what}: none of the {len(tags)} complete checkpoints in {folder} matches its recorded "
+                      "hashes (see the warnings above); restore one, or start another --run-dir with --resume none")
 
 
 def verify_checkpoint(path: Path) -> str | None:
@@ -158,25 +184,6 @@ def _warn(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def newest_checkpoint(path: Path) -> Path | None:
-    """The complete tag folder that `path` names: itself, or the newest in a checkpoints folder or a run directory."""
-    if (path / META).is_file():
-        return path
-    for folder in (path / CHECKPOINTS, path):
-        found = complete_checkpoints(folder)
-        if found:
-            return found[-1]
-    return None
-
-
-def _explicit_resume_point(resume: str) -> ResumePoint:
-    found = newest_checkpoint(Path(resume))
-    if found is None:
-        raise ConfigError(f"--resume {resume}: no complete checkpoint there (give a checkpoints/step_* folder with "
-                          f"{META}, a run directory, 'auto' or 'none')")
-    return _resume_point(found)
-
-
 def _resume_point(path: Path) -> ResumePoint:
     return ResumePoint(path=path, meta=json.loads((path / META).read_text()))
 
@@ -194,6 +201,66 @@ def check_compatible(point: ResumePoint, tokenizer_hash: str, model_config: dict
         details = ", ".join(f"{name}: {saved.get(name)} -> {now.get(name)}" for name in changed)
         raise ConfigError(f"--resume {point.path}: model differs from the checkpoint's ({details}); use the same "
                           "--preset and config, or --resume none / another --run-dir")
+
+
+# TrainConfig fields that change what is trained (the model is checked by check_compatible); the others (paths,
+# logging, checkpointing, workers, timeouts, --max-steps) may change on resume.
+# eval_data and eval_batches choose the held-out slice, which training then never reads.
+RUN_TRAIN_FIELDS = ("preset", "ablation", "data", "builtin_vocab_size", "seq_len", "mask_prob", "mask_split", "seed",
+                    "eval_data", "eval_batches")
+# DeepSpeed config sections that do; batch splits and ZeRO follow the world size, and total_num_steps is --max-steps.
+RUN_DEEPSPEED_FIELDS = ("train_batch_size", "optimizer", "scheduler", "gradient_clipping")
+
+
+def run_settings(train: dict[str, Any], deepspeed: dict[str, Any]) -> dict[str, Any]:
+    """The settings a resume must keep, flattened to {"train.seq_len": 128, "deepspeed.optimizer.params.lr": ...}:
+    from a TrainConfig.to_dict() and a DeepSpeed config (the file, or the derived one a checkpoint records)."""
+    kept = {"train": {name: train[name] for name in RUN_TRAIN_FIELDS if name in train},
+            "deepspeed": {name: deepspeed.get(name) for name in RUN_DEEPSPEED_FIELDS}}
+    kept = json.loads(json.dumps(kept))  # tuples as lists, as the checkpoint's JSON has them
+    if isinstance(kept["deepspeed"]["scheduler"], dict):
+        kept["deepspeed"]["scheduler"].get("params", {}).pop("total_num_steps", None)
+    kept["deepspeed"]["precision"] = "fp32" if train.get("fp32") else precision(deepspeed)
+    return _flatten(kept, "")
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    if not isinstance(value, dict) or not value:
+        return {prefix: value}
+    flat = {}
+    for name, item in value.items():
+        flat.update(_flatten(item, f"{prefix}.{name}" if prefix else name))
+    return flat
+
+
+def check_settings(point: ResumePoint, settings: dict[str, Any], allow_change: bool) -> dict[str, list]:
+    """The run settings (run_settings) that differ from the checkpoint's, as {name: [old, new]}: refused in one line
+    listing them all, unless `allow_change` (--allow-config-change). Checkpoints that record no settings pass, and
+    TrainConfig fields newer than the checkpoint (absent from what it records) are not compared."""
+    if "train" not in point.meta or "deepspeed" not in point.meta:
+        return {}
+    saved = run_settings(point.meta["train"], point.meta["deepspeed"])
+    names = saved.keys() | {name for name in settings if name.startswith("deepspeed.")}  # TrainConfig may grow
+    changed = {name: [saved.get(name), settings.get(name)] for name in sorted(names)
+               if saved.get(name) != settings.get(name)}
+    if changed and not allow_change:
+        details = ", ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changed.items())
+        raise ConfigError(f"--resume {point.path}: {len(changed)} setting(s) differ from the checkpoint's "
+                          f"({details}); restore them, pass --allow-config-change to continue with the change "
+                          "recorded, or use another --run-dir")
+    return changed
+
+
+def check_free_space(run_dir: Path, point: ResumePoint | None) -> None:
+    """Refuse to start where the next checkpoint cannot fit, so that a full disk fails here in one line rather than
+    inside DeepSpeed: it needs about as much as the one resumed from, and at least MIN_FREE_BYTES."""
+    needed = max(MIN_FREE_BYTES, sum(entry["bytes"] for entry in point.meta.get(FILES, {}).values()) if point else 0)
+    existing = next(folder for folder in (run_dir, *run_dir.absolute().parents) if folder.exists())
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise ConfigError(f"--run-dir {run_dir}: {free / 2**20:.1f} MiB free on its filesystem, a checkpoint needs "
+                          f"about {needed / 2**20:.1f} MiB; free space, then start again")
 
 
 def prepare_universal(point: ResumePoint) -> None:
@@ -215,7 +282,7 @@ def prepare_universal(point: ResumePoint) -> None:
     box = [error]
     dist.broadcast_object_list(box, src=0)
     if box[0]:
-        raise RuntimeError(box[0])
+        raise CheckpointError(box[0])
 
 
 # The non-tensor types DeepSpeed pickles into its checkpoint files (ZeRO 0-3, fp32 and bf16, checked one by one).
@@ -245,7 +312,7 @@ def load_checkpoint(engine: Any, point: ResumePoint, universal: bool) -> dict[st
     load_dir, tag = (point.path, UNIVERSAL) if universal else (point.path.parent, point.path.name)
     path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
     if path is None:
-        raise RuntimeError(f"DeepSpeed found no checkpoint at {load_dir / tag}")
+        raise CheckpointError(f"DeepSpeed found no checkpoint at {load_dir / tag}; give another --resume")
     return client_state
 
 
@@ -299,7 +366,7 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, info: dict[str, Any],
     rng_states = [None] * dist.get_world_size() if rank == 0 else None
     dist.gather_object(rng_state(), rng_states, dst=0)
     client_state = {"info": info, "sampler": sampler_state, "rng": rng_states}
-    written, error = {}, None
+    written, error, bug = {}, None, None
     try:
         engine.save_checkpoint(str(checkpoints), tag=path.name, client_state=client_state, save_latest=False)
         for file in _files_written_by(path, rank):
@@ -307,18 +374,27 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, info: dict[str, Any],
             written[file.name] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
     except OSError as err:
         error = f"{err.filename or path}: {err.strerror or err}"
-    except RuntimeError as err:  # torch.save reports a failed write from its C++ zip writer this way
-        error = f"{path}: a write failed ({str(err).splitlines()[0]})"
+    except Exception as err:
+        if isinstance(err, RuntimeError) and TORCH_WRITE_FAILED.search(str(err)):
+            error = f"{path}: a write failed ({str(err).splitlines()[0]})"
+        else:  # a bug, not the disk: it keeps its traceback, after the ranks have agreed to stop
+            error, bug = f"{path}: {type(err).__name__}: {err}", err
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (written, error))
-    failed = next((e for _, e in everyone if e), None)
+    dist.all_gather_object(everyone, (written, error, bug is not None))
+    failed = next(((e, is_bug) for _, e, is_bug in everyone if e), None)
     if failed:
+        if rank == 0:  # the partial folder would keep a full disk full
+            shutil.rmtree(path, ignore_errors=True)
+        if bug is not None:
+            raise bug
+        if failed[1]:
+            raise RuntimeError(f"saving checkpoint {path} failed on another rank: {failed[0]}")
         previous = complete_checkpoints(checkpoints)
-        raise CheckpointError(f"saving checkpoint {path} failed: {failed}; the previous complete checkpoint "
-                              f"({previous[-1] if previous else 'none'}) is intact: free space or fix the disk, "
-                              "then resume with --resume auto")
+        raise CheckpointError(f"saving checkpoint {path} failed: {failed[0]}; removed the partial {path.name}, and "
+                              f"the previous complete checkpoint ({previous[-1] if previous else 'none'}) is intact: "
+                              "free space or fix the disk, then resume with --resume auto")
     if rank == 0:
-        files = {name: entry for rank_files, _ in everyone for name, entry in rank_files.items()}
+        files = {name: entry for rank_files, _, _ in everyone for name, entry in rank_files.items()}
         write_atomically(path / META, json.dumps({"step": step, **info, FILES: files}, indent=2))
         write_atomically(checkpoints / LATEST, path.name)
         _prune(checkpoints, keep_last)

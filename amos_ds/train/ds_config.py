@@ -8,6 +8,7 @@ so the same file serves 1 CPU and 64 GPUs, and a resume at another world size ke
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,45 @@ def load_ds_config(path: Path) -> dict[str, Any]:
         raise ConfigError(f"--deepspeed_config {path}: file not found (see ds_configs/ for the shipped ones)") from None
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"--deepspeed_config {path}: not readable JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"--deepspeed_config {path}: expected a JSON object (see ds_configs/)")
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu"):
-        if not isinstance(config.get(key), int) or config[key] < 1:
+        if not _is_int(config.get(key)) or config[key] < 1:
             raise ConfigError(f"--deepspeed_config {path}: needs a positive integer {key!r}")
+    problem = _field_problem(config)
+    if problem:
+        raise ConfigError(f"--deepspeed_config {path}: {problem}")
     return config
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _field_problem(config: dict[str, Any]) -> str | None:
+    """What is wrong with the fields the trainer relies on, before DeepSpeed fails on them with a traceback."""
+    sections = {name: config.get(name, {}) for name in ("optimizer", "scheduler", "zero_optimization", "bf16", "fp16")}
+    bad = next((name for name, section in sections.items() if not isinstance(section, dict)), None)
+    if bad:
+        return f"{bad} must be a JSON object"
+    lr = sections["optimizer"].get("params", {}).get("lr")
+    if lr is not None and not (_is_number(lr) and lr >= 0):  # 0 is allowed: a run that keeps its weights
+        return f"optimizer.params.lr must be a number >= 0, got {lr!r}"
+    if sections["zero_optimization"].get("stage", 0) not in (0, 1, 2, 3):
+        return f"zero_optimization.stage must be 0, 1, 2 or 3, got {sections['zero_optimization']['stage']!r}"
+    if sections["bf16"].get("enabled") and sections["fp16"].get("enabled"):
+        return "bf16 and fp16 are both enabled; enable one (or neither, for fp32)"
+    clipping = config.get("gradient_clipping", 0.0)
+    if not (_is_number(clipping) and clipping >= 0):
+        return f"gradient_clipping must be a number >= 0, got {clipping!r}"
+    total = sections["scheduler"].get("params", {}).get("total_num_steps")
+    if total is not None and not (_is_int(total) and total > 0):
+        return f"scheduler.params.total_num_steps must be a positive integer, got {total!r}"
+    return None
 
 
 def gradient_accumulation(ds_config: dict[str, Any], world_size: int, path: Path | str) -> int:
@@ -45,8 +81,7 @@ def gradient_accumulation(ds_config: dict[str, Any], world_size: int, path: Path
 
 def scheduler_total_steps(ds_config: dict[str, Any]) -> int | None:
     """The schedule's `total_num_steps`, which is the run's length when --max-steps is not given."""
-    total = ds_config.get("scheduler", {}).get("params", {}).get("total_num_steps")
-    return total if isinstance(total, int) else None
+    return ds_config.get("scheduler", {}).get("params", {}).get("total_num_steps")
 
 
 def precision(ds_config: dict[str, Any]) -> str:

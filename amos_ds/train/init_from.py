@@ -18,7 +18,6 @@ from amos_ds.config import ModelConfig
 from amos_ds.errors import ConfigError
 from amos_ds.export.amos_release import is_release_folder
 from amos_ds.finetune.pretrained import KEPT_KEYS, Checkpoint, load_weights, locate_checkpoint
-from amos_ds.train.checkpoint import newest_checkpoint
 
 
 def locate_init(path: str, tokenizer_hash: str, overrides: dict[str, Any], seq_len: int) -> Checkpoint:
@@ -27,10 +26,10 @@ def locate_init(path: str, tokenizer_hash: str, overrides: dict[str, Any], seq_l
     if is_release_folder(path):
         raise ConfigError(f"--init-from {path}: the authors' release folder; convert it first with `amos-ds convert "
                           f"{path} OUT` and give OUT")
-    if not Path(path).is_dir() or newest_checkpoint(Path(path)) is None:
-        raise ConfigError(f"--init-from {path}: no complete checkpoint there; give a checkpoints/step_* folder or a "
-                          "run directory (`amos-ds convert` makes one from the authors' release)")
-    checkpoint = locate_checkpoint(path)
+    if not Path(path).is_dir():
+        raise ConfigError(f"--init-from {path}: no such folder; give a checkpoints/step_* folder or a run directory "
+                          "(`amos-ds convert` makes one from the authors' release)")
+    checkpoint = locate_checkpoint(path, flag="--init-from")  # verified: a damaged file is named, or skipped
     checkpoint.config = with_overrides(checkpoint.config, overrides, path)
     if checkpoint.meta["tokenizer_hash"] != tokenizer_hash:
         raise ConfigError(f"--init-from {path}: pretrained with tokenizer {checkpoint.meta['tokenizer_hash']}, --data "
@@ -52,7 +51,7 @@ def with_overrides(config: ModelConfig, overrides: dict[str, Any], path: str) ->
 
 def init_model_config(path: str, overrides: dict[str, Any]) -> ModelConfig:
     """The model a run with `--init-from path` builds, without reading weights or data (for `amos-ds launch`)."""
-    return with_overrides(locate_checkpoint(path).config, overrides, path)
+    return with_overrides(locate_checkpoint(path, flag="--init-from").config, overrides, path)
 
 
 def converted(checkpoint: Checkpoint) -> bool:

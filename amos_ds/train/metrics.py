@@ -12,22 +12,42 @@ config, pointed at RUN_DIR/tensorboard), under `Train/<name>`, and the held-out 
 
 import json
 import resource
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from amos_ds.atomic import write_atomically
+from amos_ds.errors import ConfigError
+
 METRICS_FILE = "metrics.jsonl"
 HELD_OUT_PREFIXES = ("eval_", "health_", "probe_")  # keys of a held-out evaluation
 
 
 def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
-    """Every record of RUN_DIR/metrics.jsonl, in order ([] when there is none yet)."""
-    path = Path(run_dir) / METRICS_FILE
+    """Every record of RUN_DIR/metrics.jsonl, in order ([] when there is none yet); see _read_lines."""
+    return [record for _, record in _read_lines(Path(run_dir) / METRICS_FILE)]
+
+
+def _read_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) for every record of a metrics.jsonl. A partial last line, cut short by a full disk or a power
+    cut while it was appended, is dropped with a warning; a damaged line before it is an error naming it."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_bytes().decode(errors="replace").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append((line, json.loads(line)))
+        except ValueError:
+            if number < len(lines):
+                raise ConfigError(f"{path} line {number}: not a JSON record; restore the file or delete that "
+                                  "line") from None
+            print(f"warning: {path}: dropped its last line, a record cut short while it was written ({line[:40]!r})",
+                  file=sys.stderr, flush=True)
+    return records
 
 
 def average_over_ranks(sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
@@ -54,18 +74,20 @@ class MetricsLog:
     def __init__(self, run_dir: Path, monitor: Any, resume_step: int, enabled: bool) -> None:
         self.enabled = enabled
         self.monitor = monitor
+        self.config_change: dict[str, list] | None = None
         if not enabled:
             return
         path = Path(run_dir) / METRICS_FILE
         # After a crash the file may hold steps past the checkpoint we resume from: those steps run again.
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step] \
-            if path.is_file() else []
-        path.write_text("".join(line + "\n" for line in kept))
+        kept = [line for line, record in _read_lines(path) if record["step"] <= resume_step]
+        write_atomically(path, "".join(line + "\n" for line in kept))
         self.file = path.open("a")
 
     def log(self, record: dict[str, Any], max_steps: int) -> None:
         if not self.enabled:
             return
+        if self.config_change:
+            record, self.config_change = {**record, "config_change": self.config_change}, None
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         step = record["step"]
@@ -76,6 +98,13 @@ class MetricsLog:
         print(console_line(record, max_steps), flush=True)
         if "eval_mlm_loss" in record:
             print(eval_line(record), flush=True)
+
+    def note_config_change(self, changes: dict[str, list]) -> None:
+        """Settings changed on resume (--allow-config-change): warned now, recorded in the next record."""
+        if self.enabled:
+            self.config_change = changes
+            print(f"warning: resuming with changed settings, recorded in {METRICS_FILE}: {json.dumps(changes)}",
+                  file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.enabled:

@@ -1,13 +1,14 @@
 """The settings of one pretraining run: a plain dataclass, filled from its defaults, then `--config FILE`, then flags.
 
 Only what scripts rely on has a flag (`--deepspeed_config`, `--preset`, `--data`, `--run-dir`, `--max-steps`,
-`--save-every`, `--resume`, `--seed`, `--compile`, `--eval-data`, `--eval-every`, `--eval-batches`, `--probe-task`,
-`--fp32`); everything else lives in the JSON file, whose keys are
-the field names below. Optimizer, schedule, batch size, precision and ZeRO stage belong to the DeepSpeed config.
+`--save-every`, `--resume`, `--allow-config-change`, `--seed`, `--compile`, `--eval-data`, `--eval-every`,
+`--eval-batches`, `--probe-task`, `--fp32`); everything else lives in the JSON file, whose keys are the field names
+below. Optimizer, schedule, batch size, precision and ZeRO stage belong to the DeepSpeed config.
 """
 
 import argparse
 import json
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from amos_ds.config import ModelConfig, get_preset, with_ablation
+from amos_ds.data.tokenizer import MIN_VOCAB_SIZE
 from amos_ds.errors import ConfigError
 
 # Shipped DeepSpeed configs, looked up here when a relative --deepspeed_config is not found from the working directory.
@@ -50,6 +52,7 @@ class TrainConfig:
     save_every: int = 1000
     keep_last: int = 3
     resume: str = "auto"  # auto: newest complete checkpoint in run_dir; none: start fresh; or a checkpoint path
+    allow_config_change: bool = False  # resume although settings that alter the run differ (recorded in the run)
     # A new run from another run's (or `amos-ds convert`'s) checkpoint: its model and weights (train/init_from.py).
     init_from: str | None = None
     log_every: int = 1
@@ -72,7 +75,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.mask_split = tuple(self.mask_split)
         max_positions = self.model_config().max_positions
-        self.seq_len = self.seq_len or max_positions
+        self.seq_len = max_positions if self.seq_len is None else self.seq_len
         if self.seq_len > max_positions:
             raise ConfigError(f"TrainConfig.seq_len {self.seq_len} exceeds the model's max_positions {max_positions}")
         for name in ("seq_len", "num_workers", "save_every", "keep_last", "log_every", "builtin_vocab_size",
@@ -83,8 +86,17 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig.{name} must be at least {minimum}, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"--max-steps must be at least 1, got {self.max_steps}")
+        if self.builtin_vocab_size < MIN_VOCAB_SIZE:
+            raise ConfigError(f"TrainConfig.builtin_vocab_size must be at least {MIN_VOCAB_SIZE}, got "
+                              f"{self.builtin_vocab_size}")
+        if not 0 <= self.seed < 2**32:  # NumPy's and torch's seeds
+            raise ConfigError(f"--seed must be in [0, 2**32), got {self.seed}")
         if not 0.0 < self.mask_prob < 1.0:
             raise ConfigError(f"TrainConfig.mask_prob must be in (0, 1), got {self.mask_prob}")
+        if len(self.mask_split) != 3 or not all(0.0 <= share <= 1.0 for share in self.mask_split) or \
+                abs(sum(self.mask_split) - 1.0) > 1e-6:
+            raise ConfigError(f"TrainConfig.mask_split must be three fractions in [0, 1] summing to 1 ([MASK], "
+                              f"random, unchanged), got {self.mask_split}")
         if self.compile not in COMPILE_CHOICES:
             raise ConfigError(f"--compile must be one of {COMPILE_CHOICES}, got {self.compile!r}")
 
@@ -129,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-every", dest="save_every", type=int,
                         help="checkpoint every N optimizer steps, and at the end (default 1000)")
     parser.add_argument("--resume", help="auto (newest complete checkpoint), none, or a checkpoint path")
+    parser.add_argument("--allow-config-change", dest="allow_config_change", action="store_true", default=None,
+                        help="resume although the learning rate, batch, masking, data... differ from the "
+                             "checkpoint's; the change is recorded in metrics.jsonl and the checkpoints")
     parser.add_argument("--init-from", dest="init_from", metavar="CHECKPOINT",
                         help="start a new run from this checkpoint or run directory (e.g. `amos-ds convert`'s): its "
                              "model and weights, the run's own data, optimizer and schedule")
@@ -179,6 +194,8 @@ def read_config_file(path: Path, config_class: type, flag: str) -> dict[str, Any
     for name, value in values.items():
         if not _has_type(value, hints[name]):
             raise ConfigError(f"{flag} {path}: {name} must be {_type_name(hints[name])}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):  # Python's JSON reader accepts NaN and Infinity
+            raise ConfigError(f"{flag} {path}: {name} must be a finite number, got {value}")
     return values
 
 
