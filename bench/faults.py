@@ -89,9 +89,12 @@ class Job:
                 return int(line.split()[0])
         return None
 
-    def wait(self, timeout: float) -> int:
+    def wait(self, timeout: float) -> int | None:
+        """The job's exit code, or None when it still ran after `timeout` seconds (it is killed either way)."""
         try:
             return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
         finally:
             self.kill()
 
@@ -217,7 +220,8 @@ def main() -> int:
             # A step drawn uniformly, then a moment within that step's time (its saves included): the runs' speed
             # varies with the machine's load, so a moment in seconds would often fall after the end.
             injected, detail = inject(kind, job, run_dir, rng.randrange(1, args.steps), rng.uniform(0, step_s), rng)
-            job.wait(TIMEOUT_S + 120)
+            if job.wait(TIMEOUT_S + 120) is None and injected:  # a hang no collective timeout reached
+                detail += f"; the job had not exited {TIMEOUT_S + 120} s later and was killed"
             if injected and complete_steps(run_dir)[-1:] == [args.steps]:  # only the exit was left to interrupt
                 injected, detail = None, "the run had saved its last checkpoint before the fault"
         if not injected:
