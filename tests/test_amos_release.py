@@ -399,6 +399,15 @@ def test_export_of_a_conversion_gives_the_release_back(release, converted, tmp_p
                                                                              weights_only=True)
 
 
+def test_hf_export_of_a_conversion_refuses_the_release_tokenizer(converted, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from amos_ds.cli import main as cli_main
+
+    assert cli_main(["export", str(converted), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "is the release's sp.model + dict.txt" in err and "use --format amos-release" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "hf").exists()
+
 def test_export_of_an_amos_ds_model_and_tokenizer_to_the_release_and_back(tmp_path):
     from amos_ds.config import get_preset
     from amos_ds.data.tokenizer import train_tokenizer
