@@ -140,6 +140,17 @@ GLOBAL_BATCH, MICRO_BATCH, SEQ_LEN, VOCAB = 8, 4, 32, 1024
 GLOO_EXIT_ABORT = "terminate called without an active exception"
 
 
+def text_corpus(root: Path, text: str) -> Path:
+    """`text` as a shard folder under `root`, with a 400-piece tokenizer trained on it."""
+    from amos_ds.data.preprocess import preprocess
+    from amos_ds.data.tokenizer import train_tokenizer
+
+    (root / "text.txt").write_text(text)
+    train_tokenizer([str(root / "text.txt")], 400, str(root / "tokenizer"))
+    preprocess([str(root / "text.txt")], str(root / "tokenizer"), str(root / "data"), workers=1, progress=False)
+    return root / "data"
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     """The built-in corpus with a tiny-preset vocabulary, prepared once per session (tests only read it)."""

@@ -6,13 +6,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import run_on_two_ranks
+from conftest import run_on_two_ranks, text_corpus
 
 from amos_ds.config import get_preset
 from amos_ds.data import DataConfig, open_corpora
 from amos_ds.data.held_out import held_out_batches, split_held_out
-from amos_ds.data.preprocess import preprocess
-from amos_ds.data.tokenizer import train_tokenizer
 from amos_ds.model import AMOSModel, AMOSOutput
 from amos_ds.train.evaluate import batch_part, eval_metrics, evaluate, held_out_split, roc_auc
 from amos_ds.train.health import collapse_warning, representation_health
@@ -24,11 +22,7 @@ SEQ_LEN, MICRO_BATCH = 32, 4
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evaluate")
-    (root / "text.txt").write_text(TEXT)
-    train_tokenizer([str(root / "text.txt")], 400, str(root / "tokenizer"))
-    preprocess([str(root / "text.txt")], str(root / "tokenizer"), str(root / "data"), workers=1, progress=False)
-    return root / "data"
+    return text_corpus(tmp_path_factory.mktemp("evaluate"), TEXT)
 
 
 def test_roc_auc_counts_pairs_with_ties_as_half():

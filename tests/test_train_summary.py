@@ -5,10 +5,9 @@ import math
 
 import numpy as np
 import pytest
+from conftest import text_corpus
 
 from amos_ds.data import open_corpora
-from amos_ds.data.preprocess import preprocess
-from amos_ds.data.tokenizer import train_tokenizer
 from amos_ds.train.plot import plot_run
 from amos_ds.train.summary import learning_summary, read_summary, summary_lines, unigram_entropy, write_summary
 from amos_ds.vocab import AMOS_DS_SPECIAL_TOKENS
@@ -18,11 +17,7 @@ TEXT = "".join(f"Sentence number {i} says the {'cat' if i % 3 else 'dog'} sat on
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("summary")
-    (root / "text.txt").write_text(TEXT)
-    train_tokenizer([str(root / "text.txt")], 400, str(root / "tokenizer"))
-    preprocess([str(root / "text.txt")], str(root / "tokenizer"), str(root / "data"), workers=1, progress=False)
-    return root / "data"
+    return text_corpus(tmp_path_factory.mktemp("summary"), TEXT)
 
 
 def test_unigram_entropy_counts_the_ordinary_tokens_of_every_sample(corpus):
