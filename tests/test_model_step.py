@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from amos_ds.config import get_preset
 from amos_ds.model import AMOSModel, relative_position_bucket
 from amos_ds.model.encoder import Encoder, FlexBias
-from amos_ds.pretrain import model_inputs, should_compile
+from amos_ds.pretrain import should_compile
+from amos_ds.train.model_inputs import model_inputs
 from amos_ds.vocab import AMOS_DS_MASK, AMOS_DS_PAD, IGNORE_INDEX
 
 TINY = get_preset("tiny", dropout=0.0, attention_dropout=0.0)
