@@ -6,22 +6,23 @@ RTD AUC, a linear probe on frozen features, and accuracy fine-tuned on MR with t
     python bench/quality.py --budget gpu [--work DIR]     # one H100/H200 (bench/gpu_check.sh runs it): ~4 minutes
 
 Both pretraining runs use the real trainer (amos_ds/pretrain.py, one process) on a tokenizer and corpus built from
-DATA/pretrain, with the same steps, batch and sequence length; the ELECTRA-style arm is `single_gen_<d>` (one
-generator of the middle head's depth, no mixture, as the paper's single-generator baselines). On the CPU the two
-runs go side by side, one core each (`--threads` per run); on the GPU one after the other. The independent peer is
-bench/bench_train.py's Hugging Face ELECTRA (ElectraForMaskedLM + ElectraForPreTraining, shared embeddings, RTD
-weight 50), trained in this process afterwards on the batches the trainer's loader gives the AMOS arms (the same
-held-out split, sample order and masking) for the same steps, with AdamW at the same peak learning rate, warm-up and
-linear decay; it is not fine-tuned (amos-ds fine-tunes its own encoder), so its row has AUC and probe only. Every
-flag below overrides the budget's value; `--pretrain-steps 20 --epochs 1 --seeds 1` is a smoke test. Prints one
-table: held-out RTD AUC at the last step (0.5 = chance), the probe's MR dev accuracy (mean-pooled frozen last layer,
-amos_ds/finetune/probe.py; majority class beside it), MR test accuracy at each seed's best dev epoch, median and
-spread (min-max) over seeds, and each arm against random init; writes results.json and copies each run's plots
-(Figure 3a: mixture_weights.png, Figure 3b: disc_accuracy.png, held_out.png) into WORK/plots/ARM/.
+DATA/pretrain, with the same steps, batch and sequence length; the ELECTRA-style arm is `single_gen_<d>` (one generator
+of the middle head's depth, no mixture, as the paper's single-generator baselines). On the CPU the two runs go side by
+side, one core each (`--threads` per run); on the GPU one after the other. The independent peer is
+bench/bench_train.py's Hugging Face ELECTRA (ElectraForMaskedLM + ElectraForPreTraining, shared embeddings, RTD weight
+50), trained in this process afterwards on the batches the trainer's loader gives the AMOS arms (the same held-out
+split, sample order and masking) for the same steps, with AdamW at the same peak learning rate, warm-up and linear
+decay; its discriminator is then probed and fine-tuned as the other arms are (the same classification head, seeds, grid
+and epochs; `HFElectraSource`). Every flag below overrides the budget's value; `--pretrain-steps 20 --epochs 1 --seeds
+1` is a smoke test. Prints one table: held-out RTD AUC at the last step (0.5 = chance), the probe's MR dev accuracy
+(mean-pooled frozen last layer, amos_ds/finetune/probe.py; majority class beside it), MR test accuracy at each seed's
+best dev epoch, median and spread (min-max) over seeds, and each arm against random init; writes results.json and copies
+each run's plots (Figure 3a: mixture_weights.png, Figure 3b: disc_accuracy.png, held_out.png) into WORK/plots/ARM/.
 """
 
 import argparse
 import collections
+import copy
 import dataclasses
 import json
 import os
@@ -38,6 +39,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # Appended, not first: the root's kernels/ would shadow PyPI's `kernels`, which transformers imports.
 sys.path.append(str(REPO))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from amos_ds.config import ModelConfig  # noqa: E402
+from amos_ds.finetune.pretrained import EncoderSource  # noqa: E402
 
 BUDGETS = {
     # CPU: the main job's recipe (tiny, 32 x 128 tokens per step, peak lr 2e-3, fp32; ds_configs/cpu.json) on the
@@ -131,17 +138,44 @@ def pretrain(args: argparse.Namespace, corpus: Path, run_dir: Path, ablation: st
                            f"{''.join(tail)}")
 
 
-def train_hf_electra(args: argparse.Namespace, corpus: Path, probe_task) -> dict:
-    """Hugging Face ELECTRA on the AMOS arms' batches: its held-out RTD AUC and probe accuracy after the steps."""
-    import torch
+class HFElectraEncoder(nn.Module):
+    """The HF peer's discriminator body (an ElectraModel) behind fine-tuning's encoder interface: ids [B, T] -> the
+    last layer's hidden states [B, T, H]; `config` gives the classification head its width and init std."""
 
+    def __init__(self, body: nn.Module, config: ModelConfig) -> None:
+        super().__init__()
+        self.body, self.config = body, config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.body(input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+@dataclasses.dataclass
+class HFElectraSource(EncoderSource):
+    """What each fine-tuning seed of the HF arm starts from: the peer's trained discriminator body (`state`, with its
+    `hf_config`), rebuilt with fine-tuning's dropout. `config` is the AMOS arms' (same width and positions)."""
+
+    hf_config: object = None  # transformers.ElectraConfig
+
+    def build(self, dropout: float) -> HFElectraEncoder:
+        from transformers import ElectraModel
+
+        hf_config = copy.deepcopy(self.hf_config)
+        hf_config.hidden_dropout_prob = hf_config.attention_probs_dropout_prob = dropout
+        body = ElectraModel(hf_config)
+        body.load_state_dict(self.state)
+        return HFElectraEncoder(body, self.config)
+
+
+def train_hf_electra(args: argparse.Namespace, corpus: Path, like: EncoderSource) -> dict:
+    """Hugging Face ELECTRA on the AMOS arms' batches: its held-out RTD AUC after the steps, and its discriminator as
+    a fine-tuning source with `like`'s tokenizer and model config."""
     sys.path.insert(0, str(REPO / "bench"))
     from bench_train import RTD_WEIGHT, ElectraPeer
 
     from amos_ds.config import get_preset
     from amos_ds.data import DataConfig, ResumableSampler, build_loader, open_corpora
     from amos_ds.data.held_out import held_out_batches
-    from amos_ds.finetune.probe import probe_layers
     from amos_ds.finetune.run import warmup_linear_decay
     from amos_ds.train.evaluate import held_out_split, roc_auc
     from amos_ds.train.train_config import TrainConfig
@@ -175,11 +209,20 @@ def train_hf_electra(args: argparse.Namespace, corpus: Path, probe_task) -> dict
             real = batch["attention_mask"].to(device).bool()
             scores.append(judged.logits.float()[real].cpu())
             labels.append(replaced[real].cpu())
-        discriminator = peer.discriminator.electra
-        probe, = probe_layers(lambda ids, mask: [discriminator(ids, attention_mask=mask).last_hidden_state.float()],
-                              probe_task, device)
-    return {"auc": roc_auc(torch.cat(scores).numpy(), torch.cat(labels).numpy()), "probe": probe,
+    body = peer.discriminator.electra
+    state = {name: tensor.detach().float().cpu() for name, tensor in body.state_dict().items()}
+    source = HFElectraSource(like.config, like.tokenizer, state, "HF ELECTRA (bench/bench_train.py's ElectraPeer)",
+                             hf_config=body.config)
+    return {"auc": roc_auc(torch.cat(scores).numpy(), torch.cat(labels).numpy()), "source": source,
             "minutes": (time.perf_counter() - started) / 60}
+
+
+def probe_last_layer(encoder: nn.Module, task) -> float:
+    """The probe's dev accuracy on an encoder's (on the CPU, as `build` leaves it) mean-pooled last layer."""
+    from amos_ds.finetune.probe import probe_layers
+
+    accuracy, = probe_layers(lambda ids, mask: [encoder(ids, mask)], task, torch.device("cpu"))
+    return accuracy
 
 
 def spread(values: list[float]) -> str:
@@ -191,11 +234,9 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the trainer's process; this one sets torch's below
     import statistics
 
-    import torch
-
     from amos_ds.config import get_preset
     from amos_ds.finetune.pretrained import load_source
-    from amos_ds.finetune.probe import load_probe_task, score_discriminator
+    from amos_ds.finetune.probe import load_probe_task
     from amos_ds.finetune.run import FinetuneConfig, finetune
     from amos_ds.finetune.tasks import load_task
     from amos_ds.train.summary import read_summary
@@ -239,20 +280,21 @@ def main() -> None:
     probe_task = load_probe_task(data / "eval" / "mr", pretrained["AMOS"][0].tokenizer, args.max_len)
     print(f"pretraining HF ELECTRA: {args.preset} shapes, {args.pretrain_steps} steps x {args.batch_size} x "
           f"{args.seq_len}", flush=True)
-    hf_electra = train_hf_electra(args, corpus, probe_task)
+    amos_source = pretrained["AMOS"][0]
+    hf_electra = train_hf_electra(args, corpus, amos_source)
     config = FinetuneConfig(epochs=args.epochs, lr=[args.lr], batch_size=[32], warmup=0.1, max_len=args.max_len,
                             seeds=args.seeds, device=args.device)
-    amos_source = pretrained["AMOS"][0]
     arms = {arm: source for arm, (source, *_) in pretrained.items()}
+    arms["HF ELECTRA"] = hf_electra["source"]
     arms["random init"] = dataclasses.replace(amos_source, state=None, description="random init")
+    held_out_auc = {arm: summary["held_out"]["eval_rtd_auc"] for arm, (*_, summary) in pretrained.items()}
+    held_out_auc["HF ELECTRA"] = hf_electra["auc"]
     results = {}
     for arm, source in arms.items():
         print(f"fine-tuning {arm}", flush=True)
         results[arm] = finetune(source, task, config, log=lambda line: print("  " + line, flush=True))
-        results[arm]["probe"] = score_discriminator(source.build(0.0).eval(), probe_task)["probe_accuracy"]
-        summary = pretrained[arm][3] if arm in pretrained else None
-        results[arm]["held_out_auc"] = summary["held_out"]["eval_rtd_auc"] if summary else None
-    results["HF ELECTRA"] = {"held_out_auc": hf_electra["auc"], "probe": hf_electra["probe"]}
+        results[arm]["probe"] = probe_last_layer(source.build(0.0).eval(), probe_task)
+        results[arm]["held_out_auc"] = held_out_auc.get(arm)
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
     model = amos_source.config
@@ -279,9 +321,6 @@ def main() -> None:
     base = results["random init"]["median"]["test"]["accuracy"]
     for arm, result in results.items():
         auc = "-" if result["held_out_auc"] is None else f"{result['held_out_auc']:.4f}"
-        if "runs" not in result:  # the HF peer: pretrained only
-            print(f"| {arm} | {auc} | {result['probe']:.4f} | - | - | - | - | - |")
-            continue
         tests = [run["test"]["accuracy"] for run in result["runs"]]
         median = statistics.median(tests)
         print(f"| {arm} | {auc} | {result['probe']:.4f} | {median:.4f} | {spread(tests)} | "
