@@ -54,7 +54,7 @@ def plot_run(run_dir: Path | str) -> list[Path]:
         plt.close(fig)
         written.append(out / name)
 
-    fig, (mlm, rtd) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (mlm, rtd) = plt.subplots(1, 2, figsize=(13, 4))
     mlm.plot(*_series(records, "mlm_loss"), label="MLM, sum of heads", color="black")
     for name in _head_layers(records, "mlm_loss_L"):
         line, = mlm.plot(*_series(records, name), label=f"head at layer {name.removeprefix('mlm_loss_L')}")
@@ -64,7 +64,7 @@ def plot_run(run_dir: Path | str) -> list[Path]:
     if summary:  # a generator that ignores the context scores the unigram entropy at best
         mlm.axhline(summary["unigram_entropy"], color="grey", linestyle=":", label="unigram entropy of the data")
     mlm.set(title="generator MLM loss", xlabel="step", ylabel="cross-entropy")
-    mlm.legend(fontsize="small")
+    mlm.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: inside, it hid the curves
     rtd.plot(*_series(records, "rtd_loss"), color="tab:red", label="RTD loss")
     _plot_held_out(rtd, records, "eval_rtd_loss", color="tab:red", label="held-out")
     _plot_held_out(rtd, records, "eval_rtd_loss_constant", color="grey", label="held-out constant guess")
@@ -103,6 +103,7 @@ def plot_run(run_dir: Path | str) -> list[Path]:
             probe.legend()
         else:
             probe.text(0.5, 0.5, "no --probe-task", ha="center", transform=probe.transAxes)
+            probe.set(xticks=[], yticks=[])  # no data: matplotlib's default axis would read as a scale
         health.plot(*_series(records, "health_mean_cosine"), marker="o", label="mean cosine between tokens")
         health.axhline(COLLAPSE_MEAN_COSINE, color="grey", linestyle=":", label="collapse threshold")
         health.set(title="discriminator token states", xlabel="step", ylabel="mean cosine", ylim=(-0.05, 1.05))
