@@ -125,16 +125,17 @@ def should_compile(choice: str, device_type: str, stage: int) -> bool:
 
 def train(config: TrainConfig) -> int:
     """The whole run, holding the run directory's lock (amos_ds/train/run_lock.py) from start to end."""
+    stop = StopSignal()  # before the start-up, which a scheduler's signal may interrupt
     rank, world_size = setup_distributed(config.collective_timeout_s)
     lock = lock_run_dir(Path(config.run_dir), rank)
     try:
-        return train_locked(config, rank, world_size)
+        return train_locked(config, rank, world_size, stop)
     finally:
         if lock:
             lock.release()
 
 
-def train_locked(config: TrainConfig, rank: int, world_size: int) -> int:
+def train_locked(config: TrainConfig, rank: int, world_size: int, stop: StopSignal) -> int:
     run_dir = Path(config.run_dir)
     ds_path = config.deepspeed_config_path()
     ds_file = load_ds_config(ds_path)
@@ -213,7 +214,6 @@ def train_locked(config: TrainConfig, rank: int, world_size: int) -> int:
             ([{"step": resume.step, "changed": changes}] if changes else [])}
     flops_per_step = step_flops(model_config, config.seq_len, config.mask_prob, global_batch)
     peak_tflops = device_peak_tflops(engine.device, precision(ds_config))
-    stop = StopSignal(engine.device)
     nonfinite = NonFiniteGuard(engine, ds_config, ds_path, config.max_nonfinite_steps)
     log = MetricsLog(run_dir, engine.monitor, engine.global_steps, enabled=rank == 0)
     if changes:
@@ -229,9 +229,9 @@ def train_locked(config: TrainConfig, rank: int, world_size: int) -> int:
     def save(at_step: int) -> Path:
         return save_checkpoint(engine, run_dir, at_step, info, sampler.state_dict(), config.keep_last)
 
-    step = saved = engine.global_steps
+    step = saved = first_step = engine.global_steps
     compile_reported = False
-    while step < max_steps and not stop.should_stop():
+    while step < max_steps and not stop.should_stop(engine.device):
         started, data_wait, sums, samples = time.perf_counter(), 0.0, {}, []
         lr = engine.get_lr()[0]
         for micro_step in range(grad_accum):
@@ -291,6 +291,11 @@ def train_locked(config: TrainConfig, rank: int, world_size: int) -> int:
             raise NonFiniteLoss(f"steps {step - in_a_row + 1}-{step}: {in_a_row} non-finite losses in a row "
                                 f"(TrainConfig.max_nonfinite_steps), all skipped; saved the last good weights in "
                                 f"{path}; lower the learning rate or check the data, then --resume auto")
+    if step == first_step < max_steps:  # stopped by SIGTERM/SIGUSR1 during the start-up: no step to save
+        log.close()
+        if rank == 0:
+            print(f"stop signal received before step {step + 1}: nothing new to save, exiting", flush=True)
+        return 0
     if saved != step:  # stopped by SIGTERM/SIGUSR1
         path = save(step)
         if rank == 0:

@@ -26,7 +26,7 @@
 #   8. what held-out evaluation and the probe cost: bench/bench_eval_cost.py --budget gpu (`small`, bf16, the same
 #      short run with and without them; whatever time the steps before left, up to 90 s)
 # Section "quality":
-#   9. bench/quality.py --budget gpu (AMOS, ELECTRA-style, random init on MR; up to 5 minutes).
+#   9. bench/quality.py --budget gpu (AMOS, ELECTRA-style, Hugging Face ELECTRA, random init on MR; up to 5 minutes).
 #      It reads $AMOS_SHARED_DATA, else ../shared/data, else .data (bring it with `cp -r ../shared/data .data`).
 # and prints one table. Logs go to $OUT (or /tmp/amos_gpu_check).
 set -uo pipefail

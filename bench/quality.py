@@ -193,9 +193,13 @@ def train_hf_electra(args: argparse.Namespace, corpus: Path, like: EncoderSource
         group["lr"] = args.pretrain_lr
     schedule = torch.optim.lr_scheduler.LambdaLR(
         peer.optimizer, warmup_linear_decay(max(1, args.pretrain_steps // 12), args.pretrain_steps))
+    deadline = time.monotonic() + args.pretrain_minutes * 60  # the AMOS arms' safety net, here too
     for step in range(1, args.pretrain_steps + 1):
         loss = peer.step([next(batches)], seed=step)["loss"]
         schedule.step()
+        if time.monotonic() > deadline:
+            print(f"  HF ELECTRA: --pretrain-minutes {args.pretrain_minutes:g} reached at step {step}", flush=True)
+            break
         if step % PRINT_EVERY == 0 or step == args.pretrain_steps:
             print(f"  HF ELECTRA: step {step}/{args.pretrain_steps} | loss {loss:.4f} (RTD weight {RTD_WEIGHT:g})",
                   flush=True)
@@ -214,7 +218,7 @@ def train_hf_electra(args: argparse.Namespace, corpus: Path, like: EncoderSource
     source = HFElectraSource(like.config, like.tokenizer, state, "HF ELECTRA (bench/bench_train.py's ElectraPeer)",
                              hf_config=body.config)
     return {"auc": roc_auc(torch.cat(scores).numpy(), torch.cat(labels).numpy()), "source": source,
-            "minutes": (time.perf_counter() - started) / 60}
+            "steps": step, "minutes": (time.perf_counter() - started) / 60}
 
 
 def probe_last_layer(encoder: nn.Module, task) -> float:
@@ -311,7 +315,7 @@ def main() -> None:
               f"loss {summary['mlm_loss']:.3f} (unigram entropy {summary['unigram_entropy']:.3f}), discriminator "
               f"RTD loss {summary['rtd_loss']:.3f} (best constant guess {summary['rtd_loss_constant']:.3f}), "
               f"accuracy on replaced tokens {summary['disc_acc_replaced']:.3f}")
-    print(f"  HF ELECTRA: {args.pretrain_steps} steps in {hf_electra['minutes']:.1f} min (this process)")
+    print(f"  HF ELECTRA: {hf_electra['steps']} steps in {hf_electra['minutes']:.1f} min (this process)")
     print(f"fine-tuning: {config.epochs} epochs, lr {args.lr:g}, batch {config.batch_size[0]}, warm-up "
           f"{config.warmup:g}, dropout {config.dropout:g}, max_len {config.max_len}, seeds {config.seeds}; probe: "
           f"{len(probe_task.train)}/{len(probe_task.dev)} train/dev, majority class {probe_task.majority:.4f}\n")
