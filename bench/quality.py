@@ -2,7 +2,7 @@
 Hugging Face ELECTRA and random initialisation, after pretraining on the same data for the same token budget: held-out
 RTD AUC, a linear probe on frozen features, and accuracy fine-tuned on MR with the same seeds.
 
-    python bench/quality.py --budget cpu [--work DIR]     # this 2-core CPU: at most 45 minutes in all
+    python bench/quality.py --budget cpu [--work DIR]     # this 2-core CPU: about 51 minutes in all
     python bench/quality.py --budget gpu [--work DIR]     # one H100/H200 (bench/gpu_check.sh runs it): ~4 minutes
 
 Both pretraining runs use the real trainer (amos_ds/pretrain.py, one process) on a tokenizer and corpus built from
@@ -48,9 +48,9 @@ from amos_ds.finetune.pretrained import EncoderSource  # noqa: E402
 
 BUDGETS = {
     # CPU: the main job's recipe (tiny, 32 x 128 tokens per step, peak lr 2e-3, fp32; ds_configs/cpu.json) on the
-    # shared text, for twice its steps (this text's unigram plateau lasts longer than the built-in corpus's): two
-    # pretraining runs side by side, one core each (about 30 minutes; 40 is only a safety net), and 9 fine-tunings
-    # (about 8 minutes).
+    # shared text, for 1,800 steps (the main job's 1,200 and more: this text's unigram plateau lasts longer than the
+    # built-in corpus's): two pretraining runs side by side, one core each (about 20 minutes; 40 is only a safety
+    # net), the HF ELECTRA arm (about 23 minutes) and 12 fine-tunings (about 7 minutes); 51 minutes in all.
     "cpu": dict(preset="tiny", vocab_size=8192, seq_len=128, batch_size=32, pretrain_lr=2e-3, pretrain_steps=1800,
                 pretrain_minutes=40.0, epochs=3, lr=3e-4, max_len=64, device="cpu", threads=1, fp32=True,
                 side_by_side=True),
