@@ -375,3 +375,13 @@ def test_resume_accepts_what_does_not_alter_the_run_and_lists_every_change(tmp_p
                                                                      .to_dict(), DS_CONFIG), False) == {}
     point.meta.pop("train")  # a checkpoint from before settings were recorded
     assert checkpoint.check_settings(point, two, allow_change=False) == {}
+
+
+def test_run_settings_take_a_scheduler_without_params():
+    """DeepSpeed accepts a scheduler block with its type alone (its defaults); the settings flatten it as given."""
+    from amos_ds.train.train_config import TrainConfig
+
+    settings = checkpoint.run_settings(TrainConfig(data=["corpus_a"]).to_dict(),
+                                       {**DS_CONFIG, "scheduler": {"type": "WarmupLR"}})
+    assert settings["deepspeed.scheduler.type"] == "WarmupLR"
+    assert not any(name.startswith("deepspeed.scheduler.params") for name in settings)

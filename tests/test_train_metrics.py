@@ -12,7 +12,15 @@ from conftest import run_on_two_ranks, unread
 from deepspeed.monitor.config import get_monitor_config
 from deepspeed.monitor.csv_monitor import csvMonitor
 
-from amos_ds.train.metrics import METRICS_FILE, MetricsLog, average_over_ranks, console_line, memory_gib, read_metrics
+from amos_ds.train.metrics import (
+    METRICS_FILE,
+    MetricsLog,
+    average_over_ranks,
+    console_line,
+    eval_line,
+    memory_gib,
+    read_metrics,
+)
 
 RECORD = {"step": 7, "loss": 12.34567, "mlm_loss": 9.87654, "rtd_loss": 0.123456, "disc_acc_replaced": 0.4567,
           "disc_acc_original": 0.9876, "mix_weight_L4": 0.5, "mix_weight_L6": 0.3, "mix_weight_L8": 0.2,
@@ -70,6 +78,8 @@ def test_each_steps_line_reaches_a_piped_stdout_at_once(tmp_path, monkeypatch):
         patch.setattr(sys, "stdout", pipe)
         log.log(RECORD, max_steps=10)
         assert unread(read_end) == console_line(RECORD, 10) + "\n"
+        log.log({**RECORD, **EVAL}, max_steps=10)  # and the evaluation's line after it
+        assert unread(read_end) == console_line({**RECORD, **EVAL}, 10) + "\n" + eval_line({**RECORD, **EVAL}) + "\n"
     os.close(read_end)
     log.close()
 
@@ -133,3 +143,47 @@ def test_a_config_change_is_warned_and_recorded_in_the_next_record(tmp_path, cap
     records = read_metrics(tmp_path)
     assert records[0]["config_change"] == {"deepspeed.optimizer.params.lr": [0.001, 0.002]}
     assert "config_change" not in records[1]
+
+
+EVAL = {"eval_mlm_loss": 13.5, "eval_mlm_loss_L4": 7.1234, "eval_mlm_acc_L4": 0.0456, "eval_mlm_loss_L8": 6.4321,
+        "eval_mlm_acc_L8": 0.0789, "eval_rtd_loss": 0.40567, "eval_rtd_loss_constant": 0.41834, "eval_rtd_auc": 0.61512,
+        "eval_disc_acc_replaced": 0.0269, "eval_disc_acc_original": 0.9938, "eval_time_s": 1.26,
+        "probe_accuracy": 0.5862, "probe_majority": 0.5316, "probe_time_s": 2.04,
+        "health_mean_cosine": 0.8272, "health_effective_rank": 31.25, "health_unit_std": 0.4263}
+
+
+def test_an_evaluation_goes_to_eval_events_and_a_second_console_line(one_process_group, tmp_path, capsys):
+    config = get_monitor_config({"csv_monitor": {"enabled": True, "output_path": str(tmp_path), "job_name": "csv"}})
+    log = MetricsLog(tmp_path, csvMonitor(config.csv_monitor), resume_step=0, enabled=True)
+    log.log({**RECORD, **EVAL}, max_steps=100)
+    log.close()
+    assert capsys.readouterr().out.splitlines() == [console_line({**RECORD, **EVAL}, 100), (
+        "eval step 7 | mlm loss/acc L4 7.123/0.046 L8 6.432/0.079 | rtd 0.4057 (constant 0.4183) AUC 0.615 | acc rep "
+        "0.027 orig 0.994 | probe 0.586 (majority 0.532, 2.0 s) | health cos 0.827 rank 31.2 std 0.426 | 1.3 s")]
+    events = {path.name for path in (tmp_path / "csv").iterdir()}
+    assert {f"Eval_{name}.csv" for name in EVAL} <= events and not any(name.startswith("Train_eval") for name in events)
+    assert {"Train_loss.csv", "Train_mfu.csv"} <= events and not any(name.startswith("Eval_loss") for name in events)
+    assert (tmp_path / "csv" / "Eval_eval_rtd_auc.csv").read_text().split() == ["step,eval_rtd_auc", "7,0.61512"]
+
+
+def test_an_evaluation_without_probe_health_or_auc_says_so(one_process_group, tmp_path, capsys):
+    """No --probe-task, no health figures, and an AUC that is undefined (no replaced token in the held-out slice)."""
+    log = MetricsLog(tmp_path, type("Monitor", (), {"enabled": False})(), resume_step=0, enabled=True)
+    bare = {name: value for name, value in EVAL.items() if not name.startswith(("probe_", "health_"))}
+    log.log({**RECORD, **bare, "eval_rtd_auc": None}, max_steps=100)
+    log.log(RECORD, max_steps=100)  # a step without evaluation prints one line
+    log.close()
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        "eval step 7 | mlm loss/acc L4 7.123/0.046 L8 6.432/0.079 | rtd 0.4057 (constant 0.4183) AUC n/a | acc rep "
+        "0.027 orig 0.994 | 1.3 s", console_line(RECORD, 100)]
+
+
+def test_a_torn_line_of_invalid_bytes_is_dropped_too(one_process_group, tmp_path, capsys):
+    """The cut may fall inside a multi-byte character: the file is still read, and the piece dropped."""
+    path = tmp_path / METRICS_FILE
+    whole = '{"step": 1, "loss": 1.0}\n'
+    path.write_bytes(whole.encode() + b'{"step": 2, "loss": 2.0, "note": "a long piece \xc3')
+    MetricsLog(tmp_path, type("Monitor", (), {"enabled": False})(), resume_step=1, enabled=True).close()
+    assert path.read_text() == whole
+    assert capsys.readouterr().err == (f"warning: {path}: dropped its last line, a record cut short while it was "
+                                       "written ('{\"step\": 2, \"loss\": 2.0, \"note\": \"a long')\n")  # 40 chars
