@@ -125,14 +125,14 @@ def should_compile(choice: str, device_type: str, stage: int) -> bool:
 
 def train(config: TrainConfig) -> int:
     """The whole run, holding the run directory's lock (amos_ds/train/run_lock.py) from start to end."""
-    stop = StopSignal()  # before the start-up, which a scheduler's signal may interrupt
-    rank, world_size = setup_distributed(config.collective_timeout_s)
-    lock = lock_run_dir(Path(config.run_dir), rank)
-    try:
-        return train_locked(config, rank, world_size, stop)
-    finally:
-        if lock:
-            lock.release()
+    with StopSignal() as stop:  # before the start-up, which a scheduler's signal may interrupt
+        rank, world_size = setup_distributed(config.collective_timeout_s)
+        lock = lock_run_dir(Path(config.run_dir), rank)
+        try:
+            return train_locked(config, rank, world_size, stop)
+        finally:
+            if lock:
+                lock.release()
 
 
 def train_locked(config: TrainConfig, rank: int, world_size: int, stop: StopSignal) -> int:

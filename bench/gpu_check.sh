@@ -4,7 +4,7 @@
 #   bash bench/gpu_check.sh                 # every section, sharing one budget (later steps get what is left)
 #   bash bench/gpu_check.sh kernels         # the fused vocabulary path alone
 #   GPU_CHECK_SECONDS=560 bash bench/gpu_check.sh train     # the training step alone (fits one 10-minute device call)
-#   GPU_CHECK_SECONDS=330 bash bench/gpu_check.sh quality   # pretraining quality alone
+#   GPU_CHECK_SECONDS=450 bash bench/gpu_check.sh quality   # pretraining quality alone
 #
 # It carries its Python packages in .whl/ (made here, on a machine with a registry):
 #   ../shared/tools/gpu-wheels.sh --peers .whl   # DeepSpeed and its dependencies; transformers (the ELECTRA peer),
@@ -26,7 +26,7 @@
 #   8. what held-out evaluation and the probe cost: bench/bench_eval_cost.py --budget gpu (`small`, bf16, the same
 #      short run with and without them; whatever time the steps before left, up to 90 s)
 # Section "quality":
-#   9. bench/quality.py --budget gpu (AMOS, ELECTRA-style, Hugging Face ELECTRA, random init on MR; up to 5 minutes).
+#   9. bench/quality.py --budget gpu (AMOS, ELECTRA-style, Hugging Face ELECTRA, random init on MR; up to 7 minutes).
 #      It reads $AMOS_SHARED_DATA, else ../shared/data, else .data (bring it with `cp -r ../shared/data .data`).
 # and prints one table. Logs go to $OUT (or /tmp/amos_gpu_check).
 set -uo pipefail
@@ -126,7 +126,7 @@ if [[ " $SECTIONS " == *" quality "* ]]; then
   DATA=${AMOS_SHARED_DATA:-../shared/data}
   [[ -d $DATA ]] || DATA=.data
   if [[ -d $DATA/eval/mr ]]; then
-    run_step "quality (bench/quality.py --budget gpu)" 300 "$LOG_DIR/quality.log" \
+    run_step "quality (bench/quality.py --budget gpu)" 420 "$LOG_DIR/quality.log" \
       python3 bench/quality.py --budget gpu --data "$DATA" --work "$LOG_DIR/quality"
   else
     ROWS+=("| quality | skipped: no data (set AMOS_SHARED_DATA or bring .data, see the header) | 0 | |")

@@ -48,9 +48,8 @@ def test_a_stop_signal_during_start_up_ends_the_run_cleanly_before_its_first_ste
     finally:
         os.environ.clear()
         os.environ.update(environment)
-        for number, handler in handlers.items():
-            signal.signal(number, handler)
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
     assert "stop signal received before step 1: nothing new to save, exiting" in out
     assert complete_steps(run_dir) == [] and logged_steps(run_dir) == 0
+    assert {number: signal.getsignal(number) for number in handlers} == handlers  # the run took its handlers along

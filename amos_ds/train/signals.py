@@ -5,9 +5,17 @@ that every rank stops at the same step even when the signal reached only some of
 one node, an operator signalling one process). The handlers are installed first thing in a run, before the
 start-up (rendezvous, data, model, DeepSpeed, a resume's checkpoint) that takes minutes at scale: a signal then
 (a Slurm time limit, a preemption) stops the run at its first step boundary instead of killing the rank.
+
+Processes forked during the run inherit the handlers. A forked child that gets one of the signals dies of it as
+it would without them: `multiprocessing.Pool.terminate()` (preprocessing the built-in corpus) stops its workers
+with SIGTERM and waits for them. (The data loader's workers ignore both signals: amos_ds/data/loader.py.) The
+handlers are removed when the run ends, so a process that calls the trainer in-process (tests, benchmarks) gets
+its own back.
 """
 
+import os
 import signal
+from types import TracebackType
 
 import torch
 import torch.distributed as dist
@@ -16,12 +24,27 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopSignal:
+    """`with StopSignal() as stop:` for the length of a run."""
+
     def __init__(self) -> None:
         self.received: int | None = None
+        self._pid = os.getpid()
+        self._previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+
+    def __enter__(self) -> "StopSignal":
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, traceback: TracebackType | None) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
     def _handle(self, signum: int, frame: object) -> None:
+        if os.getpid() != self._pid:  # a forked child: die of the signal, as without this handler
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         self.received = signum
 
     def should_stop(self, device: torch.device) -> bool:
