@@ -291,7 +291,7 @@ def train_locked(config: TrainConfig, rank: int, world_size: int, stop: StopSign
             raise NonFiniteLoss(f"steps {step - in_a_row + 1}-{step}: {in_a_row} non-finite losses in a row "
                                 f"(TrainConfig.max_nonfinite_steps), all skipped; saved the last good weights in "
                                 f"{path}; lower the learning rate or check the data, then --resume auto")
-    if step == first_step < max_steps:  # stopped by SIGTERM/SIGUSR1 during the start-up: no step to save
+    if step == first_step and step < max_steps:  # stopped by SIGTERM/SIGUSR1 during the start-up: no step to save
         log.close()
         if rank == 0:
             print(f"stop signal received before step {step + 1}: nothing new to save, exiting", flush=True)

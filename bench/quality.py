@@ -3,7 +3,7 @@ Hugging Face ELECTRA and random initialisation, after pretraining on the same da
 RTD AUC, a linear probe on frozen features, and accuracy fine-tuned on MR with the same seeds.
 
     python bench/quality.py --budget cpu [--work DIR]     # this 2-core CPU: about 51 minutes in all
-    python bench/quality.py --budget gpu [--work DIR]     # one H100/H200 (bench/gpu_check.sh runs it): ~4 minutes
+    python bench/quality.py --budget gpu [--work DIR]     # one H100/H200 (bench/gpu_check.sh runs it): up to 7 minutes
 
 Both pretraining runs use the real trainer (amos_ds/pretrain.py, one process) on a tokenizer and corpus built from
 DATA/pretrain, with the same steps, batch and sequence length; the ELECTRA-style arm is `single_gen_<d>` (one generator
@@ -214,7 +214,7 @@ def train_hf_electra(args: argparse.Namespace, corpus: Path, like: EncoderSource
             scores.append(judged.logits.float()[real].cpu())
             labels.append(replaced[real].cpu())
     body = peer.discriminator.electra
-    state = {name: tensor.detach().float().cpu() for name, tensor in body.state_dict().items()}
+    state = {name: tensor.detach().cpu() for name, tensor in body.state_dict().items()}
     source = HFElectraSource(like.config, like.tokenizer, state, "HF ELECTRA (bench/bench_train.py's ElectraPeer)",
                              hf_config=body.config)
     return {"auc": roc_auc(torch.cat(scores).numpy(), torch.cat(labels).numpy()), "source": source,
