@@ -222,6 +222,18 @@ def run(ranks: int, flags: list[str]) -> str:
     return output
 
 
+def run_pretrain(argv: list[str]) -> int:
+    """amos_ds/pretrain.py's main() in this process (one rank), with os.environ as it was before."""
+    from amos_ds import pretrain
+
+    environment = dict(os.environ)
+    try:
+        return pretrain.main(argv)
+    finally:  # pretrain.main sets RANK, MASTER_PORT and the like for its one-process group
+        os.environ.clear()
+        os.environ.update(environment)
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

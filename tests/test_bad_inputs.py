@@ -10,15 +10,14 @@ import glob
 import hashlib
 import importlib
 import json
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import write_configs
+from conftest import run_pretrain, write_configs
 
-from amos_ds import cli, pretrain
+from amos_ds import cli
 from amos_ds.data import open_corpora
 from amos_ds.train import checkpoint
 from amos_ds.train.checkpoint import FILES, META, tag_for
@@ -641,15 +640,6 @@ def convert_not_a_release_folder(tmp, cache):
 def snapshot(*roots: Path) -> dict[str, bytes]:
     return {str(p): p.read_bytes() for root in roots for p in sorted(root.rglob("*")) if p.is_file()} | \
         {str(p): b"<dir>" for root in roots for p in root.rglob("*") if p.is_dir()}
-
-
-def run_pretrain(argv: list[str]) -> int:
-    environment = dict(os.environ)
-    try:
-        return pretrain.main(argv)
-    finally:  # pretrain.main sets RANK, MASTER_PORT and the like for its one-process group
-        os.environ.clear()
-        os.environ.update(environment)
 
 
 def test_the_catalogue_is_large_enough():

@@ -4,7 +4,7 @@ subprocess runs of test_train_run.py (slow) cover launchers, several ranks, sign
 import os
 import signal
 
-from conftest import GLOBAL_BATCH, complete_steps, logged_steps, metrics, write_configs
+from conftest import GLOBAL_BATCH, complete_steps, logged_steps, metrics, run_pretrain, write_configs
 
 from amos_ds import pretrain
 
@@ -12,12 +12,7 @@ from amos_ds import pretrain
 def test_two_steps_log_every_step_save_the_last_and_summarise(tmp_path, corpus, one_process_group, capsys):
     run_dir = tmp_path / "run"
     flags = write_configs(tmp_path, corpus, zero_stage=1)
-    environment = dict(os.environ)
-    try:
-        code = pretrain.main([*flags, "--fp32", "--run-dir", str(run_dir), "--max-steps", "2"])
-    finally:  # pretrain.main sets RANK, MASTER_PORT and the like for its one-process group
-        os.environ.clear()
-        os.environ.update(environment)
+    code = run_pretrain([*flags, "--fp32", "--run-dir", str(run_dir), "--max-steps", "2"])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
     records = metrics(run_dir)
@@ -42,12 +37,7 @@ def test_a_stop_signal_during_start_up_ends_the_run_cleanly_before_its_first_ste
 
     monkeypatch.setattr(pretrain, "open_data", signalled_open_data)
     handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGUSR1)}
-    environment = dict(os.environ)
-    try:
-        code = pretrain.main([*flags, "--fp32", "--run-dir", str(run_dir), "--max-steps", "2"])
-    finally:
-        os.environ.clear()
-        os.environ.update(environment)
+    code = run_pretrain([*flags, "--fp32", "--run-dir", str(run_dir), "--max-steps", "2"])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
     assert "stop signal received before step 1: nothing new to save, exiting" in out

@@ -26,6 +26,7 @@ RECORD = {"step": 7, "loss": 12.34567, "mlm_loss": 9.87654, "rtd_loss": 0.123456
           "disc_acc_original": 0.9876, "mix_weight_L4": 0.5, "mix_weight_L6": 0.3, "mix_weight_L8": 0.2,
           "lr": 0.000123, "grad_norm": 1.23456, "tokens_per_s": 12345.6, "tflops": 1.2345, "mfu": 0.4321,
           "data_wait_s": 0.6, "mem_gib": 3.456}
+DISABLED_MONITOR = type("Monitor", (), {"enabled": False})()  # what MetricsLog reads of a monitor with none configured
 
 
 def test_average_over_ranks_divides_the_sums_by_the_micro_batches(one_process_group):
@@ -107,8 +108,7 @@ def test_a_torn_last_line_is_dropped_with_a_warning_on_resume(one_process_group,
     path = tmp_path / METRICS_FILE
     whole = "".join(f'{{"step": {step}, "loss": {step}.0}}\n' for step in (1, 2))
     path.write_text(whole + '{"step": 3, "lo')
-    monitor = type("Monitor", (), {"enabled": False})()
-    log = MetricsLog(tmp_path, monitor, resume_step=2, enabled=True)
+    log = MetricsLog(tmp_path, DISABLED_MONITOR, resume_step=2, enabled=True)
     log.close()
     assert path.read_text() == whole
     assert capsys.readouterr().err == (f"warning: {path}: dropped its last line, a record cut short while it was "
@@ -118,7 +118,7 @@ def test_a_torn_last_line_is_dropped_with_a_warning_on_resume(one_process_group,
     path.write_text(whole + '{"step": 3, "lo')
     monkeypatch.setattr(os, "replace", lambda *args: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     with pytest.raises(OSError):
-        MetricsLog(tmp_path, monitor, resume_step=2, enabled=True)
+        MetricsLog(tmp_path, DISABLED_MONITOR, resume_step=2, enabled=True)
     assert path.read_text() == whole + '{"step": 3, "lo'
 
 
@@ -132,8 +132,7 @@ def test_a_damaged_line_before_the_last_is_an_error_naming_it(tmp_path):
 
 
 def test_a_config_change_is_warned_and_recorded_in_the_next_record(tmp_path, capsys):
-    monitor = type("Monitor", (), {"enabled": False})()
-    log = MetricsLog(tmp_path, monitor, resume_step=0, enabled=True)
+    log = MetricsLog(tmp_path, DISABLED_MONITOR, resume_step=0, enabled=True)
     log.note_config_change({"deepspeed.optimizer.params.lr": [0.001, 0.002]})
     assert capsys.readouterr().err == ('warning: resuming with changed settings, recorded in metrics.jsonl: '
                                        '{"deepspeed.optimizer.params.lr": [0.001, 0.002]}\n')
@@ -168,7 +167,7 @@ def test_an_evaluation_goes_to_eval_events_and_a_second_console_line(one_process
 
 def test_an_evaluation_without_probe_health_or_auc_says_so(one_process_group, tmp_path, capsys):
     """No --probe-task, no health figures, and an AUC that is undefined (no replaced token in the held-out slice)."""
-    log = MetricsLog(tmp_path, type("Monitor", (), {"enabled": False})(), resume_step=0, enabled=True)
+    log = MetricsLog(tmp_path, DISABLED_MONITOR, resume_step=0, enabled=True)
     bare = {name: value for name, value in EVAL.items() if not name.startswith(("probe_", "health_"))}
     log.log({**RECORD, **bare, "eval_rtd_auc": None}, max_steps=100)
     log.log(RECORD, max_steps=100)  # a step without evaluation prints one line
@@ -183,7 +182,7 @@ def test_a_torn_line_of_invalid_bytes_is_dropped_too(one_process_group, tmp_path
     path = tmp_path / METRICS_FILE
     whole = '{"step": 1, "loss": 1.0}\n'
     path.write_bytes(whole.encode() + b'{"step": 2, "loss": 2.0, "note": "a long piece \xc3')
-    MetricsLog(tmp_path, type("Monitor", (), {"enabled": False})(), resume_step=1, enabled=True).close()
+    MetricsLog(tmp_path, DISABLED_MONITOR, resume_step=1, enabled=True).close()
     assert path.read_text() == whole
     assert capsys.readouterr().err == (f"warning: {path}: dropped its last line, a record cut short while it was "
                                        "written ('{\"step\": 2, \"loss\": 2.0, \"note\": \"a long')\n")  # 40 chars
